@@ -1,0 +1,622 @@
+"""
+The ViT encoder and the MAE decoder, written from scratch in plain PyTorch.
+
+Follows the official MAE code (facebookresearch/mae, models_mae.py) in everything a user can observe:
+`loss, pred, mask = model(imgs, mask_ratio)`, argsort-of-noise masking, fixed 2-D sin-cos position
+embeddings with a cls slot, the official weight init and the official parameter names, so a released MAE
+checkpoint loads with `load_state_dict`. Adds block masking (the paper's ablation), a classification path
+for fine-tuning and probing, and presets for the paper's ViT-Lite-7/4.
+"""
+import math
+from dataclasses import dataclass, asdict, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 64            # input resolution (square)
+    patch_size: int = 4           # patch side in pixels; img_size must be a multiple of it
+    in_chans: int = 3             # image channels
+    embed_dim: int = 256          # encoder width
+    depth: int = 7                # encoder blocks
+    num_heads: int = 4            # encoder attention heads
+    mlp_ratio: float = 2.0        # encoder MLP hidden width / embed_dim
+    decoder_embed_dim: int = 128  # decoder width
+    decoder_depth: int = 2        # decoder blocks
+    decoder_num_heads: int = 4    # decoder attention heads
+    decoder_mlp_ratio: float = 2.0  # decoder MLP hidden width / decoder_embed_dim
+    norm_pix_loss: bool = False   # target = per-patch normalised pixels (MAE paper option); raw pixels are better here
+    loss_on_all: bool = False     # pixel loss on every patch (SMAE) instead of masked patches only (MAE)
+    masking: str = 'random'       # 'random' (official MAE) or 'block' (BEiT-style, the paper's ablation)
+    num_classes: int = 0          # >0 adds a classification head (fine-tuning)
+    global_pool: str = 'cls'      # classification feature: 'cls' token or 'mean' of patch tokens
+    drop_path: float = 0.0        # stochastic depth rate at the last block (fine-tuning option)
+
+    def __post_init__(self):
+        # fail at construction, with the fix, rather than with a shape error deep inside a forward pass
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        check(self.img_size % self.patch_size == 0,
+              f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: pick sizes such that img_size % patch_size == 0")
+        for prefix, dim, heads in (('', self.embed_dim, self.num_heads),
+                                   ('decoder_', self.decoder_embed_dim, self.decoder_num_heads)):
+            check(dim % heads == 0,
+                  f"{prefix}embed_dim {dim} is not divisible by {prefix}num_heads {heads}: choose a width that is a multiple of the head count")
+            check(dim % 4 == 0,
+                  f"{prefix}embed_dim {dim} is not divisible by 4, which the 2-D sin-cos position embedding needs (sin|cos for each axis)")
+        check(self.masking in ('random', 'block'), f"masking must be 'random' or 'block', got {self.masking!r}")
+        check(self.global_pool in ('cls', 'mean'), f"global_pool must be 'cls' or 'mean', got {self.global_pool!r}")
+
+    @property
+    def grid_size(self):
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid_size ** 2
+
+
+# Architectures by name. img_size/patch_size are the defaults for that preset and can be overridden.
+PRESETS = {
+    # the paper's ViT-Lite-7/4 (Hassani et al.) with its 2x128 decoder: ~3.7M encoder parameters
+    'vit_lite': dict(patch_size=4, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
+                     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=2.0),
+    # DeiT-Tiny / DeiT-Small encoders at 64x64 with patch 8, and a light decoder (shallow is better at this scale)
+    'vit_tiny': dict(patch_size=8, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
+                     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=4.0),
+    'vit_small': dict(patch_size=8, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                      decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, decoder_mlp_ratio=4.0),
+    # the second seed: ViT-B/16 encoder (86M) with a ViT-Small-sized decoder (12 x 384, ~21M)
+    'vit_base': dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                     decoder_embed_dim=384, decoder_depth=12, decoder_num_heads=6, decoder_mlp_ratio=4.0),
+    # the official MAE ViT-B/16 (decoder 8 x 512): loads facebookresearch/mae's released checkpoints
+    'mae_vit_base_patch16': dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, decoder_mlp_ratio=4.0),
+}
+
+
+def make_config(name, **overrides):
+    """A ViTConfig from a preset name plus field overrides (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
+    fields = ViTConfig.__dataclass_fields__
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {unknown}: valid fields are {', '.join(fields)}")
+    kw = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return ViTConfig(**kw)
+
+
+# -----------------------------------------------------------------------------
+# position embeddings (official MAE: fixed 2-D sin-cos, cls slot of zeros)
+
+
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """pos (M,) -> (M, embed_dim) = [sin(pos * omega) | cos(pos * omega)], omega_d = 1 / 10000^(d / (embed_dim/2))."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega                           # (D/2,)
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]  # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=True):
+    """(1 + G*G, D) if cls_token else (G*G, D), float32, row-major over the patch grid.
+    As in the official code (np.meshgrid's 'xy' indexing), the first half of the channels encodes the
+    patch's column and the second half its row; matching it keeps released checkpoints interchangeable."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing='ij')  # each (G, G)
+    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols),  # (G*G, D/2) column
+                     get_1d_sincos_pos_embed(embed_dim // 2, rows)],  # (G*G, D/2) row
+                    dim=1)                                            # (G*G, D)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+
+# -----------------------------------------------------------------------------
+# transformer blocks (pre-norm; names as timm's Block, which the official MAE uses)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads)  # (B, T, 3, H, C/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (B, H, T, C/H)
+        x = F.scaled_dot_product_attention(q, k, v)                            # (B, H, T, C/H), flash/efficient kernel on GPU
+        x = x.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path_rate=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear projection. A Conv2d with kernel = stride = patch, as officially."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                     # (N, D, G, G)
+        return x.flatten(2).transpose(1, 2)  # (N, L, D), row-major patch order
+
+
+# -----------------------------------------------------------------------------
+# the encoder (also the classifier for fine-tuning and probing)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder: patch embedding + cls token + fixed sin-cos positions + blocks + final norm.
+    With cfg.num_classes > 0 it is a classifier (`head`); its keys are the MAE encoder's keys, so a
+    pre-training checkpoint's encoder loads into it directly."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        # fixed, not trained: a buffer, saved under the official name
+        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(D, cfg.grid_size)[None], persistent=True)  # (1, 1+L, D)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
+        self.blocks = nn.ModuleList([Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # official MAE init: patch embedding like a Linear, tokens N(0, 0.02), Linear xavier-uniform/zero bias,
+        # LayerNorm weight 1 bias 0
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for name, p in self.named_parameters():
+            if name.endswith('cls_token') or name.endswith('mask_token'):
+                nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.head is not None:
+            # a small head init (official fine-tuning uses trunc_normal std 2e-5) keeps the first steps gentle
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+
+    # --- patches -------------------------------------------------------------
+
+    def patchify(self, imgs):
+        """imgs (N, C, H, W) -> (N, L, p*p*C), row-major patches, channels last inside a patch (official order)."""
+        p, C = self.cfg.patch_size, imgs.shape[1]
+        N, h, w = imgs.shape[0], imgs.shape[2] // p, imgs.shape[3] // p
+        x = imgs.reshape(N, C, h, p, w, p)
+        x = torch.einsum('nchpwq->nhwpqc', x)
+        return x.reshape(N, h * w, p * p * C)
+
+    def unpatchify(self, x):
+        """(N, L, p*p*C) -> imgs (N, C, H, W); the inverse of patchify."""
+        p = self.cfg.patch_size
+        N, L, D = x.shape
+        h = w = int(math.isqrt(L))
+        C = D // (p * p)
+        assert h * w == L and C * p * p == D, f"cannot unpatchify {tuple(x.shape)} with patch size {p}"
+        x = x.reshape(N, h, w, p, p, C)
+        x = torch.einsum('nhwpqc->nchpwq', x)
+        return x.reshape(N, C, h * p, w * p)
+
+    # --- encoder ---------------------------------------------------------------
+
+    def embed(self, imgs):
+        """imgs (N, C, H, W) -> patch tokens with positions (N, L, D), no cls yet."""
+        x = self.patch_embed(imgs)          # (N, L, D)
+        return x + self.pos_embed[:, 1:, :]
+
+    def encode(self, x):
+        """tokens (N, K, D) without cls -> prepend cls (+ its zero position), run the blocks, final norm -> (N, 1+K, D)."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (N, 1, D)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, imgs, pool=None):
+        """Unmasked encoding for classification / probing / kNN: (N, C, H, W) -> (N, D)."""
+        x = self.encode(self.embed(imgs))   # (N, 1+L, D)
+        pool = pool or self.cfg.global_pool
+        return x[:, 0] if pool == 'cls' else x[:, 1:].mean(dim=1)
+
+    def forward(self, imgs):
+        assert self.head is not None, "this encoder has no head: build it with num_classes > 0, or call forward_features"
+        return self.head(self.forward_features(imgs))
+
+
+# -----------------------------------------------------------------------------
+# block masking (BEiT-style, PAPER.md section 5), precomputed as a bank so the training step has no Python loop
+
+
+def sample_block_masks(n, grid, num_masked, generator=None, min_area=16, log_aspect=math.log(1 / 0.3), max_rounds=1000):
+    """Draw n block masks on a grid x grid patch grid, each covering at least `num_masked` patches.
+    Vectorised over the n masks: each round adds one rectangle to every mask still short of its target.
+    Rectangles never wrap around the grid edge. Returns (cover (n, grid*grid) bool, rects (n, R, 4) long of
+    (top, left, height, width) with height 0 for rounds where a mask had no rectangle added)."""
+    cover = torch.zeros(n, grid, grid, dtype=torch.bool)
+    ar = torch.arange(grid)
+    rects = []
+    for _ in range(max_rounds):
+        need = cover.flatten(1).sum(1) < num_masked                     # (n,) masks still short
+        if not need.any():
+            break
+        remaining = (num_masked - cover.flatten(1).sum(1)).clamp(min=0).float()
+        hi = torch.maximum(remaining, torch.full_like(remaining, float(min_area)))
+        area = min_area + torch.rand(n, generator=generator) * (hi - min_area)   # s ~ U[16, max(16, remaining)]
+        aspect = torch.exp((torch.rand(n, generator=generator) * 2 - 1) * log_aspect)  # r log-uniform in [0.3, 1/0.3]
+        h = torch.sqrt(area * aspect).round().long().clamp(1, grid)
+        w = torch.sqrt(area / aspect).round().long().clamp(1, grid)
+        top = (torch.rand(n, generator=generator) * (grid - h + 1)).long()   # keeps the block inside the grid
+        left = (torch.rand(n, generator=generator) * (grid - w + 1)).long()
+        h = torch.where(need, h, torch.zeros_like(h))                        # masks already done get no rectangle
+        in_rows = (ar[None, :] >= top[:, None]) & (ar[None, :] < (top + h)[:, None])    # (n, G)
+        in_cols = (ar[None, :] >= left[:, None]) & (ar[None, :] < (left + w)[:, None])  # (n, G)
+        cover |= in_rows[:, :, None] & in_cols[:, None, :]
+        rects.append(torch.stack([top, left, h, w], dim=1))
+    else:
+        raise RuntimeError("block masking did not reach its target; is num_masked larger than the grid?")
+    return cover.flatten(1), torch.stack(rects, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# the masked autoencoder
+
+
+class MaskedAutoencoderViT(VisionTransformer):
+    """MAE: the encoder sees the visible patches (+ cls) only, the decoder sees every position."""
+
+    block_bank_size = 4096  # block masks precomputed per (mask ratio, device)
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__(cfg)
+        Dd = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(cfg.embed_dim, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer('decoder_pos_embed', get_2d_sincos_pos_embed(Dd, cfg.grid_size)[None], persistent=True)
+        self.decoder_blocks = nn.ModuleList([Block(Dd, cfg.decoder_num_heads, cfg.decoder_mlp_ratio)
+                                             for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dd, cfg.patch_size ** 2 * cfg.in_chans)
+        self.initialize_weights()  # again, now over encoder and decoder together (one documented init)
+        self._block_banks = {}
+
+    # --- masking ---------------------------------------------------------------
+
+    def num_keep(self, mask_ratio):
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+        return int(self.cfg.num_patches * (1 - mask_ratio))
+
+    def masking_noise(self, n, mask_ratio, masking=None, generator=None, device=None):
+        """Noise (n, L) whose argsort gives the masking: keep the len_keep smallest. For 'random' it is U(0, 1)
+        (official). For 'block' a precomputed block mask is drawn per sample and its patches get noise + 1,
+        so exactly L - len_keep patches are masked, all inside the blocks."""
+        masking = masking or self.cfg.masking
+        device = device or self.pos_embed.device
+        L = self.cfg.num_patches
+        noise = torch.rand(n, L, device=device, generator=generator)
+        if masking == 'random':
+            return noise
+        if masking != 'block':
+            raise ValueError(f"masking must be 'random' or 'block', got {masking!r}")
+        key = (round(mask_ratio, 6), str(device))
+        if key not in self._block_banks:
+            bank_gen = torch.Generator().manual_seed(0)  # the bank is a fixed table; the draw from it is random
+            cover, _ = sample_block_masks(self.block_bank_size, self.cfg.grid_size,
+                                          L - self.num_keep(mask_ratio), generator=bank_gen)
+            self._block_banks[key] = cover.to(device)
+        bank = self._block_banks[key]
+        pick = torch.randint(0, bank.shape[0], (n,), device=device, generator=generator)
+        return noise + bank[pick].to(noise.dtype)  # (n, L)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """Official per-sample masking by argsort of noise. x (N, L, D) -> x_visible (N, K, D),
+        mask (N, L) with 1 = masked in the original order, ids_restore (N, L)."""
+        N, L, D = x.shape
+        len_keep = self.num_keep(mask_ratio)
+        if noise is None:
+            noise = self.masking_noise(N, mask_ratio, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)          # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]               # (N, K)
+        x_visible = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, D))  # (N, K, D)
+        mask = torch.ones(N, L, device=x.device)           # float32 even under autocast
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)          # (N, L), back in patch order
+        return x_visible, mask, ids_restore
+
+    # --- encoder / decoder ---------------------------------------------------------
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        x = self.embed(imgs)                                # (N, L, D)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        return self.encode(x), mask, ids_restore            # (N, 1+K, D)
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)                           # (N, 1+K, Dd)
+        N, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)   # (N, L-K, Dd)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)   # (N, L, Dd) in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed         # (N, 1+L, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))         # (N, 1+L, p*p*C)
+        return x[:, 1:, :]                                  # drop cls -> (N, L, p*p*C)
+
+    def pixel_target(self, imgs):
+        """The reconstruction target in patch space: raw (normalised-image) pixels, or per-patch normalised."""
+        target = self.patchify(imgs)                        # (N, L, p*p*C)
+        if self.cfg.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs, pred, mask):
+        """MSE per patch, averaged over masked patches (MAE) or over all patches (cfg.loss_on_all, SMAE)."""
+        loss = (pred.float() - self.pixel_target(imgs).float()) ** 2
+        loss = loss.mean(dim=-1)                            # (N, L) per-patch loss
+        if self.cfg.loss_on_all:
+            return loss.mean()
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)    # (N, L, p*p*C)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+    def reconstruct(self, imgs, pred, mask, paste=True):
+        """Images from predictions, in the input's (normalised) space: (reconstruction, reconstruction with the
+        visible patches pasted from the input, or None if paste=False). Undoes the per-patch normalisation when
+        norm_pix_loss is on."""
+        if self.cfg.norm_pix_loss:
+            target = self.patchify(imgs)
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            pred = pred * std + mean
+        recon = self.unpatchify(pred.float())
+        if not paste:
+            return recon, None
+        m = mask[:, :, None].expand(-1, -1, pred.shape[-1]).to(pred.dtype)  # (N, L, p*p*C)
+        pasted = self.unpatchify((pred.float() * m + self.patchify(imgs).float() * (1 - m)))
+        return recon, pasted
+
+
+# -----------------------------------------------------------------------------
+# building models and loading weights
+
+
+def build_mae(cfg: ViTConfig) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(replace(cfg, num_classes=0))
+
+
+def build_classifier(cfg: ViTConfig, num_classes) -> VisionTransformer:
+    return VisionTransformer(replace(cfg, num_classes=num_classes))
+
+
+def config_to_dict(cfg: ViTConfig):
+    return asdict(cfg)
+
+
+def clean_state_dict(sd):
+    """Accept official checkpoints ({'model': sd}) and wrapped models (DDP 'module.', torch.compile '_orig_mod.')."""
+    if 'model' in sd and isinstance(sd['model'], dict):
+        sd = sd['model']
+    out = {}
+    for k, v in sd.items():
+        for prefix in ('module.', '_orig_mod.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_weights(model, sd, what='checkpoint', skip_prefixes=()):
+    """Load a state dict into `model`, strictly, with a readable error.
+    - position embeddings are fixed sin-cos, so at another image size the model's own (regenerated) ones are kept;
+    - keys starting with any of `skip_prefixes` (e.g. the decoder when loading into a classifier) are ignored;
+    - a missing, unexpected or mis-shaped key raises ValueError naming the keys and both shapes."""
+    sd = clean_state_dict(sd)
+    own = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in skip_prefixes)}
+    for k in ('pos_embed', 'decoder_pos_embed'):
+        if k in sd and k in own and sd[k].shape != own[k].shape:
+            sd[k] = own[k]  # regenerated for this model's grid
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: {tuple(sd[k].shape)} in {what} vs {tuple(own[k].shape)} in model"
+                  for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append("shape mismatch " + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
+        if missing:
+            parts.append(f"missing keys {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else ""))
+        raise ValueError(f"{what} does not fit this model ({'; '.join(parts)}): build the model with the checkpoint's preset and sizes")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def encoder_state_dict(sd):
+    """The encoder part of an MAE state dict (what a classifier loads)."""
+    sd = clean_state_dict(sd)
+    return {k: v for k, v in sd.items() if not (k.startswith('decoder') or k == 'mask_token')}
+
+
+# -----------------------------------------------------------------------------
+# FLOPs, for MFU
+
+
+def flops_per_image(cfg: ViTConfig, mask_ratio=None, train=True):
+    """Matmul FLOPs per image (2 per multiply-add, attention included), x3 for forward + backward when training.
+    mask_ratio=None: the unmasked encoder (classification); else the MAE encoder on visible tokens + decoder."""
+    def blocks(n_tokens, dim, depth, mlp_ratio):
+        per_token = 2 * (4 * dim * dim + 2 * dim * int(dim * mlp_ratio))   # qkv + proj + mlp
+        attn = 2 * 2 * n_tokens * n_tokens * dim                          # q@k^T and attn@v
+        return depth * (n_tokens * per_token + attn)
+    L, D, p2c = cfg.num_patches, cfg.embed_dim, cfg.patch_size ** 2 * cfg.in_chans
+    if mask_ratio is None:
+        f = 2 * L * p2c * D + blocks(L + 1, D, cfg.depth, cfg.mlp_ratio) + 2 * D * max(cfg.num_classes, 1)
+    else:
+        K = int(L * (1 - mask_ratio))
+        Dd = cfg.decoder_embed_dim
+        f = (2 * L * p2c * D + blocks(K + 1, D, cfg.depth, cfg.mlp_ratio)
+             + 2 * (K + 1) * D * Dd + blocks(L + 1, Dd, cfg.decoder_depth, cfg.decoder_mlp_ratio) + 2 * L * Dd * p2c)
+    return 3 * f if train else f
+
+
+# -----------------------------------------------------------------------------
+# SMAE: the pre-training objective with a perceptual term (PAPER.md section 4)
+
+
+def build_squeezenet(num_classes):
+    """torchvision's SqueezeNet 1.1, trained from scratch (finetune.py --arch squeezenet): the SMAE critic."""
+    import torchvision
+    return torchvision.models.squeezenet1_1(weights=None, num_classes=num_classes)
+
+
+def conv_flops(module, shape):
+    """Forward FLOPs of the convolutions (2 per multiply-add) of `module` on an input of `shape` (1 image)."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        total += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        module(torch.zeros(shape, device=next(module.parameters()).device))
+    for h in handles:
+        h.remove()
+    return total
+
+
+class MAEObjective(nn.Module):
+    """The pre-training loss as one module, so that one torch.compile covers model, loss and critic.
+    alpha = 0 (or no critic): exactly the MAE loss. alpha > 0: (1 - alpha) * L_pixel + alpha * c * L_percep with
+    L_pixel on all patches (the model is built with loss_on_all) and L_percep = MSE between critic features of
+    the image and of the full reconstruction. weighting='uncertainty' learns the mixing instead (Kendall et al.:
+    sum_i exp(-s_i) L_i + s_i over the pixel and the c-scaled perceptual term)."""
+
+    def __init__(self, mae, critic=None, alpha=0.0, critic_sigmoid=True, weighting='fixed'):
+        super().__init__()
+        if weighting not in ('fixed', 'uncertainty'):
+            raise ValueError(f"weighting must be fixed or uncertainty, got {weighting!r}")
+        self.mae = mae
+        self.alpha = float(alpha)
+        self.critic = critic
+        self.critic_sigmoid = critic_sigmoid
+        self.weighting = weighting
+        if critic is not None:
+            critic.eval()                      # frozen: eval mode and no gradients into its weights
+            critic.requires_grad_(False)
+        self.register_buffer('c', torch.ones(()))  # perceptual scale, fixed by calibration before training
+        self.log_vars = nn.Parameter(torch.zeros(2)) if weighting == 'uncertainty' else None
+
+    @property
+    def smae(self):
+        return self.alpha > 0 and self.critic is not None
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.critic is not None:
+            self.critic.eval()                 # stays in eval mode whatever the caller does
+        return self
+
+    def critic_features(self, x):
+        f = self.critic(x)
+        return torch.sigmoid(f) if self.critic_sigmoid else f
+
+    def loss_terms(self, imgs, mask_ratio, noise=None):
+        """(pixel loss, perceptual loss or None, pred, mask)."""
+        pixel, pred, mask = self.mae(imgs, mask_ratio, noise)
+        if not self.smae:
+            return pixel, None, pred, mask
+        recon, _ = self.mae.reconstruct(imgs, pred, mask, paste=False)  # full reconstruction, image space
+        with torch.no_grad():
+            target = self.critic_features(imgs)
+        percep = F.mse_loss(self.critic_features(recon.to(imgs.dtype)).float(), target.float())
+        return pixel, percep, pred, mask
+
+    def forward(self, imgs, mask_ratio, noise=None):
+        pixel, percep, _, _ = self.loss_terms(imgs, mask_ratio, noise)
+        if percep is None:
+            return pixel
+        percep = self.c * percep
+        if self.log_vars is not None:
+            s = self.log_vars
+            return torch.exp(-s[0]) * pixel + s[0] + torch.exp(-s[1]) * percep + s[1]
+        return (1 - self.alpha) * pixel + self.alpha * percep
+
+    def extra_state(self):
+        return {'c': float(self.c), 'log_vars': None if self.log_vars is None else self.log_vars.detach().cpu()}
+
+    def load_extra_state(self, state):
+        if 'c' in state:
+            self.c.fill_(state['c'])
+        if self.log_vars is not None and state.get('log_vars') is not None:
+            with torch.no_grad():
+                self.log_vars.copy_(state['log_vars'])
+
+    def extra_flops_per_image(self):
+        """Critic FLOPs per training image: a forward on the image, forward + backward on the reconstruction."""
+        if not self.smae:
+            return 0
+        cfg = self.mae.cfg
+        return 4 * conv_flops(self.critic, (1, cfg.in_chans, cfg.img_size, cfg.img_size))
