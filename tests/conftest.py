@@ -1,0 +1,20 @@
+"""Shared test settings: tiny runs on the embedded demo data so every script runs end to end on a CPU."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# vit_lite on 32x32 crops with 8x8 patches (16 tokens), 256 training images in batches of 32: 8 steps/epoch
+TINY = ['--dataset', 'demo', '--img_size', '32', '--patch_size', '8', '--subset', '256', '--batch_size', '32',
+        '--log_every', '1', '--val_images', '64', '--warmup_epochs', '0']
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """TINY plus a fresh out_dir and data_dir under tmp_path: tiny('--epochs', '1') -> argv."""
+    def make(*extra, out='run'):
+        return TINY + ['--out_dir', str(tmp_path / out), '--data_dir', str(tmp_path / 'data')] + [str(a) for a in extra]
+    return make

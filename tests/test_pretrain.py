@@ -1,0 +1,141 @@
+"""pretrain.py: files it writes, learning, config overrides, resume, and torchrun equivalence."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import model as M
+import pretrain
+from conftest import ROOT
+
+
+def records(out, event):
+    return [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if r['event'] == event]
+
+
+def test_few_steps_write_checkpoint_log_and_png(tiny, tmp_path):
+    assert pretrain.main(tiny('--epochs', 1, '--picture_every', 1)) == 0
+    out = tmp_path / 'run'
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['kind'] == 'pretrain' and ck['step'] == 8 and ck['config']['mask'] == 0.75
+    assert {'model', 'optimizer', 'scaler', 'rng', 'model_config'} <= set(ck)
+    assert len(records(out, 'train')) == 8 and records(out, 'start')[0]['config']['dataset'] == 'demo'
+    assert (out / 'recon_ep0001.png').stat().st_size > 1000
+    assert not (out / '.lock').exists(), "the out_dir lock outlived the run"
+    # the encoder weights load into a classifier as they are (what finetune.py and probe.py do)
+    clf = M.build_classifier(M.ViTConfig(**ck['model_config']), num_classes=5)
+    sd = M.encoder_state_dict(ck['model'])
+    sd.update({k: v for k, v in clf.state_dict().items() if k.startswith('head.')})
+    M.load_weights(clf, sd)
+    assert torch.equal(clf.blocks[0].attn.qkv.weight, ck['model']['blocks.0.attn.qkv.weight'])
+
+
+def test_loss_falls_on_demo(tiny, tmp_path):
+    assert pretrain.main(tiny('--epochs', 4, '--lr', 2e-3, '--ckpt_every', 100, '--picture_every', 100)) == 0
+    losses = [r['loss'] for r in records(tmp_path / 'run', 'train')]
+    assert len(losses) == 32
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4, losses
+
+
+def test_block_masking_and_norm_pix_run(tiny, tmp_path):
+    assert pretrain.main(tiny('--epochs', 1, '--masking', 'block', '--mask', 0.5, '--norm_pix_loss', 'true')) == 0
+    ck = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ck['model_config']['masking'] == 'block' and ck['model_config']['norm_pix_loss'] is True
+
+
+# --- config overrides -----------------------------------------------------------------------------------
+
+DEFAULTS = dict(mask=0.75, epochs=400, compile=True, model='vit_lite', masking='random')
+
+
+def test_overrides_both_spellings_and_types():
+    cfg, given = common.parse_config(DEFAULTS, ['--mask', '0.5', '--epochs=3', '--compile', 'false', '--model=vit_tiny'])
+    assert (cfg.mask, cfg.epochs, cfg.compile, cfg.model) == (0.5, 3, False, 'vit_tiny')
+    assert given == {'mask', 'epochs', 'compile', 'model'}
+    assert cfg.masking == 'random'
+    cfg, _ = common.parse_config(dict(lr=5e-4), ['--lr', '1'])  # an int where a float is expected is fine
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize('argv, msg', [
+    (['--epochs', '2.5'], r'--epochs expects an integer \(default 400\), got .2\.5.'),
+    (['--mask', 'lots'], r'--mask expects a number'),
+    (['--compile', 'maybe'], r'--compile expects true or false'),
+    (['--maks', '0.5'], r'unknown config name --maks: did you mean --mask( or --masking)?\?'),
+    (['--epochs'], r'--epochs needs a value'),
+    (['epochs=3'], r'unexpected argument'),
+])
+def test_override_errors(argv, msg):
+    with pytest.raises(common.UserError, match=msg):
+        common.parse_config(DEFAULTS, argv)
+
+
+def test_every_documented_name_exists():
+    names = common.script_defaults(vars(pretrain))
+    for n in ('dataset', 'data_dir', 'out_dir', 'model', 'epochs', 'batch_size', 'mask', 'masking',
+              'norm_pix_loss', 'seed', 'device', 'dtype', 'compile', 'resume'):
+        assert n in names
+    # the paper's recipe (PAPER.md section 3) is the default
+    assert (names['model'], names['mask'], names['masking'], names['norm_pix_loss']) == ('vit_lite', 0.75, 'random', False)
+    assert (names['lr'], names['batch_size'], names['weight_decay'], names['beta1'], names['beta2']) == (5e-4, 128, 0.15, 0.9, 0.95)
+    assert (names['epochs'], names['warmup_epochs'], names['augment'], names['dataset']) == (400, 20, False, 'tin')
+
+
+def test_lr_schedule():
+    assert common.get_lr(0, 100, 10, 1.0) == 0.0
+    assert common.get_lr(5, 100, 10, 1.0) == 0.5
+    assert common.get_lr(10, 100, 10, 1.0) == 1.0
+    assert abs(common.get_lr(55, 100, 10, 1.0) - 0.5) < 1e-9
+    assert common.get_lr(100, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1)
+
+
+# --- resume and torchrun -------------------------------------------------------------------------------
+
+def test_resume_continues_the_same_loss_sequence(tiny, tmp_path, monkeypatch):
+    saved = []
+    real_save = common.save_atomic
+
+    def save_and_keep(obj, path):  # keep a copy of the first checkpoint (end of epoch 1)
+        real_save(obj, path)
+        if not saved:
+            saved.append(str(tmp_path / 'epoch1.pt'))
+            shutil.copy(path, saved[0])
+    monkeypatch.setattr(common, 'save_atomic', save_and_keep)
+    assert pretrain.main(tiny('--epochs', 3, '--ckpt_every', 1)) == 0
+    monkeypatch.setattr(common, 'save_atomic', real_save)
+    full = [(r['step'], r['loss']) for r in records(tmp_path / 'run', 'train')]
+
+    os.makedirs(tmp_path / 'resumed')
+    shutil.copy(saved[0], tmp_path / 'resumed' / 'ckpt.pt')
+    assert pretrain.main(tiny('--resume', 'true', out='resumed')) == 0
+    resumed = [(r['step'], r['loss']) for r in records(tmp_path / 'resumed', 'train')]
+    assert resumed[0][0] == 9 and resumed == full[8:]
+    a = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def final_weights(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+
+
+def test_torchrun_two_ranks_equal_one_process(tiny, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
+           os.path.join(ROOT, 'pretrain.py')] + tiny('--epochs', 1, '--device', 'cpu', out='ddp')
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert pretrain.main(tiny('--epochs', 1, out='single')) == 0
+    assert pretrain.main(tiny('--epochs', 1, '--accum_steps', 2, out='accum')) == 0
+    ddp, single, accum = (final_weights(tmp_path / d) for d in ('ddp', 'single', 'accum'))
+    for k in single:
+        assert torch.allclose(ddp[k], single[k], atol=2e-5), k
+        assert torch.allclose(accum[k], single[k], atol=2e-5), k
+    # only rank 0 wrote: one log with one start record
+    assert len(records(tmp_path / 'ddp', 'start')) == 1
+    assert records(tmp_path / 'ddp', 'start')[0]['world_size'] == 2
