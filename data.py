@@ -1,0 +1,724 @@
+"""
+Datasets and the on-device data pipeline.
+
+Every split is decoded once into a uint8 tensor (N, 3, 64, 64) plus int64 labels and cached next to the data.
+Training then keeps the whole split on the device and does shuffling, resizing, augmentation and normalisation
+there, with per-(seed, epoch, step) generators so that any step can be reproduced without stored RNG state.
+
+    python data.py download tin --data_dir data
+    python data.py bench --dataset synthetic --batch_size 1024 --device cuda
+"""
+import argparse
+import functools
+import hashlib
+import http.client
+import math
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ('tin', 'cub', 'demo', 'synthetic')
+IMG = 64                # every split is stored at 64x64
+CACHE_VERSION = 1       # bump when the decoding changes, so that old caches are rebuilt
+DOWNLOAD_TIMEOUT = 15   # seconds without an answer before a download gives up
+
+ARCHIVES = {
+    'tin': dict(url='http://cs231n.stanford.edu/tiny-imagenet-200.zip', md5='90528d7ca1a48142e341f4ef8d21d0de',
+                archive='tiny-imagenet-200.zip', root='tiny-imagenet-200', marker='wnids.txt'),
+    'cub': dict(url='https://data.caltech.edu/records/65de6-vzc35/files/CUB_200_2011.tgz',
+                md5='97eceeb196236b17998738112f37df78',
+                archive='CUB_200_2011.tgz', root='CUB_200_2011', marker='images.txt'),
+}
+
+
+class DataError(Exception):
+    """A problem with the data on disk; the message is one line: what is wrong, where, and how to fix it."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor   # uint8 (N, 3, 64, 64), contiguous, CPU
+    labels: torch.Tensor   # int64 (N,)
+    classes: list          # class names, index = label
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+
+def seed_for(*parts):
+    """Mix integers into one 63-bit seed (splitmix64 on each part), so (seed, epoch, step, ...) never collide."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (h ^ (int(p) & mask)) + 0x9E3779B97F4A7C15 & mask
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+        h = z ^ (z >> 31)
+    return h & ((1 << 63) - 1)
+
+# -----------------------------------------------------------------------------
+# reading the official layouts
+
+
+def _missing(name, data_dir, what):
+    a = ARCHIVES[name]
+    marker = os.path.join(data_dir, a['root'], a['marker'])
+    return DataError(f"{name}: {what}; pass --download true or unpack {a['archive']} into {data_dir}/ "
+                     f"so that {marker} exists")
+
+
+def _read_rows(name, data_dir, root, rel, columns):
+    """Whitespace-split rows of an annotation file, each with at least `columns` fields."""
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+        raise _missing(name, data_dir, f"missing annotation file {path}")
+    with open(path) as f:
+        rows = [line.split() for line in f if line.strip()]
+    short = [k for k, r in enumerate(rows) if len(r) < columns]
+    if short:
+        raise DataError(f"{path}: line {short[0] + 1} has fewer than {columns} fields; the file is damaged, "
+                        f"delete {root} and pass --download true")
+    return rows
+
+
+def _bad_files(root, bad, what):
+    shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
+    return DataError(f"{len(bad)} {what} image file(s) under {root}: {shown}; replace them "
+                     f"(or delete {root} and pass --download true) and try again")
+
+
+def _list_tin(data_dir, root, split):
+    """-> (relative image paths, labels, classes, annotation files). Label = index in wnids.txt."""
+    wnids = [r[0] for r in _read_rows('tin', data_dir, root, 'wnids.txt', 1)]
+    index = {w: i for i, w in enumerate(wnids)}
+    files, labels = [], []
+    if split == 'train':
+        for i, w in enumerate(wnids):
+            d = os.path.join(root, 'train', w, 'images')
+            if not os.path.isdir(d):
+                raise _missing('tin', data_dir, f"missing image folder {d}")
+            names = sorted(e.name for e in os.scandir(d) if e.name.lower().endswith(('.jpeg', '.jpg', '.png')))
+            files += [f'train/{w}/images/{n}' for n in names]
+            labels += [i] * len(names)
+        return files, labels, wnids, ['wnids.txt']
+    ann = 'val/val_annotations.txt'
+    rows = sorted(_read_rows('tin', data_dir, root, ann, 2))  # (file, wnid, x0, y0, x1, y1), sorted by file name
+    unknown = sorted({r[1] for r in rows if r[1] not in index})
+    if unknown:
+        raise DataError(f"{os.path.join(root, ann)} names wnids missing from wnids.txt: {', '.join(unknown[:20])}; "
+                        f"the dataset is inconsistent, re-download it with --download true")
+    return [f'val/images/{r[0]}' for r in rows], [index[r[1]] for r in rows], wnids, ['wnids.txt', ann]
+
+
+def _list_cub(data_dir, root, split, bbox):
+    """-> (paths, labels, classes, annotation files, boxes or None). 'val' is the official test split."""
+    paths = {r[0]: 'images/' + r[1] for r in _read_rows('cub', data_dir, root, 'images.txt', 2)}
+    cls = {r[0]: int(r[1]) - 1 for r in _read_rows('cub', data_dir, root, 'image_class_labels.txt', 2)}
+    is_train = {r[0]: r[1] == '1' for r in _read_rows('cub', data_dir, root, 'train_test_split.txt', 2)}
+    ids = sorted((i for i in paths if is_train.get(i) == (split == 'train')), key=int)
+    if os.path.isfile(os.path.join(root, 'classes.txt')):
+        classes = [r[1] for r in sorted(_read_rows('cub', data_dir, root, 'classes.txt', 2), key=lambda r: int(r[0]))]
+    else:  # class dir names, from the image paths of the whole dataset so that train and val agree
+        names = {cls[i]: paths[i].split('/')[1] for i in paths}
+        classes = [names.get(c, f'class_{c + 1:03d}') for c in range(max(names) + 1)]
+    annotations = ['images.txt', 'image_class_labels.txt', 'train_test_split.txt']
+    boxes = None
+    if bbox:  # (x, y, w, h) per image
+        rows = {r[0]: tuple(map(float, r[1:5])) for r in _read_rows('cub', data_dir, root, 'bounding_boxes.txt', 5)}
+        boxes, annotations = [rows[i] for i in ids], annotations + ['bounding_boxes.txt']
+    return [paths[i] for i in ids], [cls[i] for i in ids], classes, annotations, boxes
+
+
+def _decode_image(path, box=None):
+    """One image -> uint8 (64, 64, 3): RGB, optional (x, y, w, h) box crop, short side to 64, centre crop.
+    This is torchvision's Resize(64) + CenterCrop(64) on PIL images, as the paper's code did."""
+    with Image.open(path) as im:
+        im = im.convert('RGB')  # grayscale, CMYK, palette -> 3 channels
+        if box is not None:
+            x, y, w, h = box
+            im = im.crop((max(0, round(x)), max(0, round(y)), min(im.width, round(x + w)),
+                          min(im.height, round(y + h))))
+        w, h = im.size
+        if (w, h) != (IMG, IMG):
+            s = min(w, h)
+            w, h = (IMG, int(IMG * h / w)) if w == s else (int(IMG * w / h), IMG)
+            im = im.resize((w, h), Image.BILINEAR)  # PIL antialiases when downscaling
+            left, top = int(round((w - IMG) / 2)), int(round((h - IMG) / 2))
+            im = im.crop((left, top, left + IMG, top + IMG))
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _decode_all(root, files, boxes):
+    """Decode every file with a thread pool (PIL releases the GIL while decoding); DataError lists all bad files."""
+    out = np.empty((len(files), IMG, IMG, 3), np.uint8)
+
+    def work(chunk):
+        bad = []
+        for i in chunk:
+            try:
+                out[i] = _decode_image(os.path.join(root, files[i]), None if boxes is None else boxes[i])
+            except Exception as e:
+                bad.append(f"{files[i]} ({type(e).__name__}: {' '.join(str(e).split())})")
+        return bad
+    chunks = [range(i, min(i + 256, len(files))) for i in range(0, len(files), 256)]
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        bad = [b for chunk_bad in pool.map(work, chunks) for b in chunk_bad]
+    if bad:
+        raise _bad_files(root, bad, 'unreadable')
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, 3, 64, 64)
+
+
+def _signature(root, files, extra):
+    """Hash of (path, size, mtime) of every image and annotation file: cheap to recompute, changes on any edit."""
+    h = hashlib.sha1(f'{CACHE_VERSION}|{extra}'.encode())
+    missing = []
+    for rel in files:
+        try:
+            st = os.stat(os.path.join(root, rel))
+        except OSError:
+            missing.append(rel)
+            continue
+        h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    if missing:
+        raise _bad_files(root, missing, 'missing')
+    return h.hexdigest()
+
+
+def _atomic_save(obj, path):
+    """torch.save into a temp file in the same directory, then os.replace: readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path), suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_disk_split(name, split, data_dir, bbox):
+    root = os.path.join(data_dir, ARCHIVES[name]['root'])
+    if not os.path.isdir(root):
+        raise _missing(name, data_dir, f"dataset folder {root} not found")
+    if name == 'tin':
+        files, labels, classes, annotations = _list_tin(data_dir, root, split)
+        boxes = None
+    else:
+        files, labels, classes, annotations, boxes = _list_cub(data_dir, root, split, bbox)
+    if not files:
+        raise _missing(name, data_dir, f"no {split} images listed under {root}")
+    signature = _signature(root, annotations + files, f'{name}|{split}|{boxes is not None}')
+    cache = os.path.join(root, f"cache_{split}{'_bbox' if boxes is not None else ''}.pt")
+    if os.path.isfile(cache):
+        try:
+            c = torch.load(cache, map_location='cpu', weights_only=True)
+            if c['version'] == CACHE_VERSION and c['signature'] == signature:
+                return Split(c['images'], c['labels'], list(c['classes']))
+            print(f'{cache} is out of date, rebuilding it')
+        except Exception as e:  # truncated or foreign file: rebuild rather than crash
+            print(f'{cache} could not be read ({type(e).__name__}), rebuilding it')
+    print(f'decoding {len(files)} {name}/{split} images into {cache} (once) ...')
+    out = Split(_decode_all(root, files, boxes), torch.tensor(labels, dtype=torch.int64), list(classes))
+    try:
+        _atomic_save(dict(version=CACHE_VERSION, signature=signature, images=out.images, labels=out.labels,
+                          classes=out.classes), cache)
+    except OSError as e:  # e.g. a read-only dataset folder: work without the cache
+        print(f'warning: could not write {cache}: {e}', file=sys.stderr)
+    return out
+
+# -----------------------------------------------------------------------------
+# demo (scikit-image's bundled colour photographs) and synthetic data
+
+DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina',
+               'stereo_motorcycle')
+DEMO_VAL_FRACTION = 1 / 3   # the last third of each photo's long side is val, the first two thirds train
+DEMO_SCALES = (200, 300)    # the photo's short side is resized to these before cutting 64x64 crops
+DEMO_GRID = {'train': (12, 8), 'val': (3, 8)}  # crops per scale: along the split axis x across it
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_photos():
+    """-> {name: uint8 (H, W, 3)} for the bundled photographs that load offline (ones needing pooch are skipped)."""
+    need = "the demo dataset needs scikit-image's bundled photographs; pip install scikit-image"
+    try:
+        import skimage.data
+    except ImportError:
+        raise DataError(need) from None
+    photos = {}
+    for name in DEMO_PHOTOS:
+        try:
+            img = getattr(skimage.data, name)()
+        except Exception:  # needs a download in this skimage version
+            continue
+        img = img[0] if isinstance(img, tuple) else img  # stereo_motorcycle -> (left, right, disparity)
+        photos[name] = np.ascontiguousarray(img[..., :3])  # drop alpha
+    if len(photos) < 2:
+        raise DataError(need)
+    return photos
+
+
+def _demo_parts(img):
+    """Split a photo along its long side into disjoint (train, val) parts, which are then resized separately,
+    so no val crop shares (or even blends in) a source pixel of a train crop."""
+    h, w = img.shape[:2]
+    axis = 0 if h > w else 1
+    cut = round(img.shape[axis] * (1 - DEMO_VAL_FRACTION))
+    return (img[:cut], img[cut:]) if axis == 0 else (img[:, :cut], img[:, cut:])
+
+
+def _demo(split):
+    photos = _demo_photos()
+    crops, labels = [], []
+    for label, img in enumerate(photos.values()):
+        part = _demo_parts(img)[split == 'val']
+        along_split = 0 if img.shape[0] > img.shape[1] else 1
+        for short in DEMO_SCALES:
+            f = short / min(img.shape[:2])
+            h, w = round(part.shape[0] * f), round(part.shape[1] * f)
+            p = np.asarray(Image.fromarray(part).resize((w, h), Image.BILINEAR))
+            n_along, n_across = DEMO_GRID[split]
+            ny, nx = (n_along, n_across) if along_split == 0 else (n_across, n_along)
+            for y in np.linspace(0, h - IMG, ny).round().astype(int):
+                for x in np.linspace(0, w - IMG, nx).round().astype(int):
+                    crops.append(p[y:y + IMG, x:x + IMG])
+                    labels.append(label)
+    images = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    return Split(images, torch.tensor(labels, dtype=torch.int64), list(photos))
+
+
+def _synthetic(split):
+    """Random images for benchmarks: 200 classes, 100k train / 10k val, always the same."""
+    n = 100_000 if split == 'train' else 10_000
+    g = torch.Generator().manual_seed(seed_for(1234, split == 'train'))
+    # 8 random bytes per int64 draw: ~3x faster than drawing uint8s one by one
+    words = torch.randint(-2**63, 2**63 - 1, (n * 3 * IMG * IMG // 8,), dtype=torch.int64, generator=g)
+    images = words.view(torch.uint8).view(n, 3, IMG, IMG)
+    labels = torch.randint(0, 200, (n,), generator=g)
+    return Split(images, labels, [f'class_{i:03d}' for i in range(200)])
+
+
+def load_split(name, split, data_dir='data', download=False, cub_bbox=False):
+    """-> Split with uint8 (N, 3, 64, 64) images. For cub, 'val' is the official test split."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in ('train', 'val'):
+        raise DataError(f"unknown split {split!r}; choose 'train' or 'val'")
+    if name == 'demo':
+        return _demo(split)
+    if name == 'synthetic':
+        return _synthetic(split)
+    a = ARCHIVES[name]
+    if download and not os.path.isdir(os.path.join(data_dir, a['root'])):
+        _fetch(name, data_dir)
+    return _load_disk_split(name, split, data_dir, cub_bbox and name == 'cub')
+
+# -----------------------------------------------------------------------------
+# download and safe extraction
+
+
+def _safe_extract(archive, dest):
+    """Extract a zip or tar(.gz) into dest, refusing the whole archive if any member or link would land outside."""
+    dest = os.path.realpath(dest)
+
+    def inside(path):
+        p = os.path.realpath(path)
+        return p == dest or p.startswith(dest + os.sep)
+
+    def refuse(member, why):
+        raise DataError(f"refusing to extract {archive}: member {member!r} {why}; the archive is not trustworthy")
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():  # zipfile writes symlink members as plain files, so only paths matter
+                if not inside(os.path.join(dest, info.filename)):
+                    refuse(info.filename, f'would be written outside {dest}')
+            z.extractall(dest)
+        return
+    try:
+        tf = tarfile.open(archive, 'r:*')
+    except tarfile.TarError as e:
+        raise DataError(f"{archive} is neither a zip nor a tar archive ({e}); delete it and download again") from None
+    with tf:
+        for m in tf.getmembers():
+            if not inside(os.path.join(dest, m.name)):
+                refuse(m.name, f'would be written outside {dest}')
+            if m.issym() and (os.path.isabs(m.linkname) or
+                              not inside(os.path.join(dest, os.path.dirname(m.name), m.linkname))):
+                refuse(m.name, f'is a link to {m.linkname!r} outside {dest}')
+            if m.islnk() and not inside(os.path.join(dest, m.linkname)):
+                refuse(m.name, f'is a hard link to {m.linkname!r} outside {dest}')
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                refuse(m.name, 'is a device or fifo')
+        if hasattr(tarfile, 'data_filter'):  # Python >= 3.11.4: the stdlib's own checks on top of ours
+            tf.extractall(dest, filter='data')
+        else:
+            tf.extractall(dest)
+
+
+def download(name, data_dir, url=None, md5=None):
+    """Fetch the official archive into data_dir, check its MD5 before extracting, extract atomically."""
+    if name not in ARCHIVES:
+        raise DataError(f"dataset {name!r} has no download; downloadable: {', '.join(ARCHIVES)}")
+    a = ARCHIVES[name]
+    url, md5 = url or a['url'], md5 or a['md5']
+    root = os.path.join(data_dir, a['root'])
+    if os.path.exists(root):
+        print(f'{root} already exists, not downloading (delete it to download again)')
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    fd, archive = tempfile.mkstemp(dir=data_dir, prefix=f".{a['archive']}.", suffix='.part')
+    extract_dir = None
+    try:
+        print(f'downloading {url} ...')
+        digest = hashlib.md5()
+        with os.fdopen(fd, 'wb') as f:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r:
+                    while chunk := r.read(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+            except (OSError, ValueError, http.client.HTTPException) as e:  # no network, timeouts, bad URLs
+                raise DataError(f"could not download {url} ({' '.join(str(e).split())}); without network, fetch "
+                                f"{a['archive']} by hand and unpack it into {data_dir}/ so that "
+                                f"{os.path.join(root, a['marker'])} exists") from None
+        if digest.hexdigest() != md5:
+            raise DataError(f"checksum mismatch for {url}: expected md5 {md5}, got {digest.hexdigest()}; "
+                            f"the download is corrupt or not the official {a['archive']}, try again")
+        extract_dir = tempfile.mkdtemp(dir=data_dir, prefix='.extract_')
+        _safe_extract(archive, extract_dir)
+        if not os.path.isfile(os.path.join(extract_dir, a['root'], a['marker'])):
+            raise DataError(f"{url} does not contain {a['root']}/{a['marker']}; it is not the {name} archive")
+        os.replace(os.path.join(extract_dir, a['root']), root)  # appears all at once, never half-extracted
+        print(f'{name} is ready in {root}')
+    finally:
+        os.remove(archive)
+        if extract_dir is not None:
+            shutil.rmtree(extract_dir, ignore_errors=True)
+
+
+_fetch = download  # load_split's `download` flag shadows the function's name
+
+# -----------------------------------------------------------------------------
+# normalisation and the device-side pipeline
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    # built once per device, so normalize() never copies from the host; built outside inference mode even when
+    # first called inside it, because inference tensors can't be saved for backward (denormalize in a loss)
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return mean, std
+
+
+def normalize(x):
+    """uint8 or float in [0, 1] (..., 3, H, W) -> float32 (x - mean) / std, on x's device."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+def denormalize(x):
+    """Inverse of normalize: -> float in [0, 1] space (not clamped)."""
+    mean, std = _mean_std(x.device)
+    return x.float() * std + mean
+
+
+def _resize(x, size):
+    """float (N, 3, H, W) -> (N, 3, size, size), bilinear, antialiased when shrinking."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=size < x.shape[-1])
+
+
+def iterate_batches(images_uint8, labels, batch_size, device, img_size=64):
+    """In-order batches (last partial one included) for evaluation: yields (normalized x, y) on device."""
+    for i in range(0, len(images_uint8), batch_size):
+        x = images_uint8[i:i + batch_size].to(device, non_blocking=True).float() / 255
+        y = None if labels is None else labels[i:i + batch_size].to(device, non_blocking=True)
+        yield normalize(_resize(x, img_size)), y
+
+
+def _generator(device, seed):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class DeviceLoader:
+    """The whole split as one uint8 tensor on the device; shuffled, augmented and normalised there.
+
+    batch_size is the global batch per optimizer step (all ranks and accumulation micro-steps together). Every
+    rank draws the same permutation from seed_for(seed, epoch), so the global batch of a step does not depend
+    on world_size or accum_steps; each rank takes its strided share of it (see rows()).
+    """
+
+    def __init__(self, split_or_images, labels=None, *, batch_size, device, seed=0, rank=0, world_size=1,
+                 accum_steps=1, shuffle=True, img_size=64, augment=None):
+        images = split_or_images.images if isinstance(split_or_images, Split) else split_or_images
+        labels = split_or_images.labels if isinstance(split_or_images, Split) else labels
+        if batch_size % (world_size * accum_steps):
+            raise DataError(f'batch_size {batch_size} must be divisible by world_size * accum_steps = '
+                            f'{world_size} * {accum_steps}; change --batch_size or the accumulation steps')
+        self.device = torch.device(device)
+        if self.device.type == 'cuda' and self.device.index is None:  # generators and tensors on one device
+            self.device = torch.device('cuda', torch.cuda.current_device())
+        self.images = images.to(self.device)  # uint8 (N, 3, 64, 64), moved once
+        self.labels = labels.to(self.device, torch.int64)
+        self.batch_size, self.seed, self.rank, self.accum_steps = batch_size, seed, rank, accum_steps
+        self.micro_batch = batch_size // (world_size * accum_steps)
+        self.shuffle, self.img_size, self.augment = shuffle, img_size, augment
+        self.steps_per_epoch = len(self.images) // batch_size  # drop_last
+        if self.steps_per_epoch == 0:
+            raise DataError(f'the dataset has {len(self.images)} images, fewer than one global batch of '
+                            f'{batch_size}; lower --batch_size')
+        self._rows = torch.arange(rank, batch_size, world_size, device=self.device)  # this rank's positions
+
+    def rows(self, micro):
+        """Positions inside the global batch held by this rank's micro-batch `micro`."""
+        return self._rows[micro * self.micro_batch:(micro + 1) * self.micro_batch]
+
+    def epoch(self, epoch, start_step=0):
+        """Yields (step, [(x, y)] * accum_steps) for step in range(start_step, steps_per_epoch)."""
+        n, B = len(self.images), self.batch_size
+        if self.shuffle:
+            perm = torch.randperm(n, generator=_generator(self.device, seed_for(self.seed, epoch)), device=self.device)
+        else:
+            perm = torch.arange(n, device=self.device)
+        for step in range(start_step, self.steps_per_epoch):
+            batch = perm[step * B:(step + 1) * B]  # the global batch, identical on every rank
+            micro_batches = []
+            for micro in range(self.accum_steps):
+                idx = batch[self.rows(micro)]
+                x = _resize(self.images[idx].float() / 255, self.img_size)  # (mb, 3, img_size, img_size) in [0, 1]
+                if self.augment is not None:
+                    g = _generator(self.device, seed_for(self.seed, epoch, step, self.rank, micro))
+                    x = self.augment(x, g)
+                micro_batches.append((normalize(x), self.labels[idx]))
+            yield step, micro_batches
+
+# -----------------------------------------------------------------------------
+# augmentations: float (N, 3, H, W) in [0, 1] -> same, per sample, batched, on x's device
+
+
+def _rand(shape, x, generator):
+    return torch.rand(shape, generator=generator, device=x.device)
+
+
+def _warp(x, theta, padding_mode):
+    """Per-sample affine warp; theta (N, 2, 3) maps output to input coordinates in [-1, 1]."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode=padding_mode, align_corners=False)
+
+
+def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """torchvision's RandomResizedCrop drawn per sample (10 tries, else the whole image), resampled bilinearly.
+    Unlike torchvision, crop size and position are continuous rather than whole pixels."""
+    N, _, H, W = x.shape
+    tries = 10
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * _rand((N, tries), x, generator))
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand((N, tries), x, generator)
+    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    ok = (w <= W) & (h <= H)
+    first = ok.float().argmax(1, keepdim=True)  # index of the first try that fits
+    w = torch.where(ok.any(1), w.gather(1, first)[:, 0], torch.full_like(w[:, 0], W))
+    h = torch.where(ok.any(1), h.gather(1, first)[:, 0], torch.full_like(h[:, 0], H))
+    cx = w / 2 + (W - w) * _rand(N, x, generator)  # crop centre in pixels
+    cy = h / 2 + (H - h) * _rand(N, x, generator)
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([w / W, zero, 2 * cx / W - 1], 1),
+                         torch.stack([zero, h / H, 2 * cy / H - 1], 1)], 1)  # (N, 2, 3)
+    return _warp(x, theta, 'border')
+
+
+def random_hflip(x, p=0.5, generator=None):
+    flip = _rand(len(x), x, generator) < p
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def _gray(x):  # (N, 1, H, W), ITU-R 601-2 luma as in torchvision
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _blend(img, other, factor):  # factor (N, 1, 1, 1): 1 = img, 0 = other
+    return (factor * img + (1 - factor) * other).clamp(0, 1)
+
+
+def _autocontrast(x):
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    flat = hi <= lo  # constant channels stay as they are
+    return ((x - torch.where(flat, 0, lo)) / torch.where(flat, 1, hi - lo)).clamp(0, 1)
+
+
+def _equalize(x):
+    """Per-image, per-channel histogram equalisation on 256 levels (PIL's / torchvision's algorithm)."""
+    N, C, H, W = x.shape
+    q = (x * 255).round().long().view(N * C, H * W)
+    hist = torch.zeros(N * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
+    levels = torch.arange(256, device=x.device).expand_as(hist)
+    last = torch.where(hist > 0, levels, 0).amax(1, keepdim=True)  # highest level in use
+    step = (H * W - hist.gather(1, last)) // 255
+    lut = ((hist.cumsum(1) - hist + step // 2) // step.clamp(min=1)).clamp(max=255)
+    out = torch.where(step > 0, lut.gather(1, q), q)  # step 0: nothing to equalise
+    return out.view(N, C, H, W).float() / 255
+
+
+def _sharpness(x, factor):
+    # blend with PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13), which leaves border pixels alone
+    blurred = x.clone()
+    blurred[..., 1:-1, 1:-1] = (9 * F.avg_pool2d(x, 3, stride=1) + 4 * x[..., 1:-1, 1:-1]) / 13
+    return _blend(x, blurred, factor)
+
+
+RA_OPS = ('identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize', 'contrast',
+          'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
+
+
+def rand_augment(x, num_ops=2, magnitude=9, generator=None, num_bins=31):
+    """torchvision's RandAugment (14 ops, magnitudes on num_bins bins, black fill), but each sample draws its own
+    ops and signs. At magnitude 9 of 31: rotate 9 deg, shear 0.09, translate 8 px at 64, colour factors
+    1 +- 0.27, posterize to 7 bits, solarize above 0.7. Geometric ops share one grid_sample per round."""
+    N, _, H, W = x.shape
+    m = magnitude / (num_bins - 1)  # fraction of each op's maximum
+    shift_x, shift_y = 2 * int(150 / 331 * W * m) / W, 2 * int(150 / 331 * H * m) / H  # whole pixels, normalised
+    step = 2 ** int(round(magnitude / ((num_bins - 1) / 4)))  # posterize: keep 8 - log2(step) bits
+    for _ in range(num_ops):
+        op = torch.randint(len(RA_OPS), (N,), generator=generator, device=x.device)
+        sign = 1 - 2 * (_rand(N, x, generator) < 0.5).float()  # (N,) +-1
+
+        def pick(name, value):  # (N,) value for the samples that drew op `name`, 0 for the others
+            return torch.where(op == RA_OPS.index(name), value, torch.zeros_like(value))
+        # geometric ops as one affine map (output -> input, normalised coords), the identity for colour ops
+        a = pick('rotate', sign * math.radians(30 * m))
+        sx, sy = pick('shear_x', sign * 0.3 * m), pick('shear_y', sign * 0.3 * m)  # about the top-left corner
+        tx, ty = pick('translate_x', sign * shift_x), pick('translate_y', sign * shift_y)
+        cos, sin = a.cos(), a.sin()
+        theta = torch.stack([torch.stack([cos, (sx - sin) * H / W, sx * H / W + tx], 1),
+                             torch.stack([(sin + sy) * W / H, cos, sy * W / H + ty], 1)], 1)  # (N, 2, 3)
+        x = _warp(x, theta, 'zeros')
+        # colour ops: each is computed for the whole batch (no host sync), each sample keeps the one it drew
+        factor = (1 + 0.9 * m * sign).view(N, 1, 1, 1)
+        candidates = {
+            'autocontrast': lambda: _autocontrast(x),
+            'equalize': lambda: _equalize(x),
+            'solarize': lambda: torch.where(x >= 1 - m, 1 - x, x),
+            'color': lambda: _blend(x, _gray(x), factor),
+            'posterize': lambda: torch.floor((x * 255).round() / step) * step / 255,
+            'contrast': lambda: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factor),
+            'brightness': lambda: _blend(x, torch.zeros_like(x), factor),
+            'sharpness': lambda: _sharpness(x, factor),
+        }
+        out = x
+        for name, fn in candidates.items():
+            out = torch.where((op == RA_OPS.index(name)).view(N, 1, 1, 1), fn(), out)
+        x = out
+    return x
+
+
+def pretrain_augment(x, generator=None):
+    return random_hflip(random_resized_crop(x, (0.2, 1.0), generator=generator), generator=generator)
+
+
+def finetune_augment(x, generator=None):
+    x = random_hflip(random_resized_crop(x, (0.08, 1.0), generator=generator), generator=generator)
+    return rand_augment(x, 2, 9, generator=generator)
+
+
+def _beta(alpha, generator, device, tries=64):
+    """One Beta(alpha, alpha) draw on the device (Johnk's rejection method), no host sync. -> (1,)"""
+    u = torch.rand(2, tries, generator=generator, device=device)
+    a, b = u[0] ** (1 / alpha), u[1] ** (1 / alpha)
+    ok = (a + b <= 1) & (a + b > 0)  # accepted with probability >= 0.5 for alpha <= 1: 64 tries never all fail
+    return (a / (a + b).clamp(min=1e-12)).gather(0, ok.float().argmax().view(1))
+
+
+def mixup_cutmix(x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.0,
+                 generator=None):
+    """timm-style batch Mixup/CutMix: one lambda per batch, sample i mixed with sample N-1-i.
+    -> (x_mixed, soft targets (N, num_classes)). Everything stays on the device (no host sync)."""
+    N, _, H, W = x.shape
+    dev = x.device
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = _rand(1, x, generator) < switch_prob
+    else:
+        use_cutmix = torch.full((1,), cutmix_alpha > 0, device=dev)
+    lam_mix = _beta(mixup_alpha, generator, dev) if mixup_alpha > 0 else torch.ones(1, device=dev)
+    lam_cut = _beta(cutmix_alpha, generator, dev) if cutmix_alpha > 0 else torch.ones(1, device=dev)
+    # cutmix box: sides sqrt(1 - lam) of the image, random centre, clipped at the border (timm's rand_bbox)
+    cut_h, cut_w = (H * (1 - lam_cut).sqrt()).floor(), (W * (1 - lam_cut).sqrt()).floor()
+    cy = torch.randint(0, H, (1,), generator=generator, device=dev)
+    cx = torch.randint(0, W, (1,), generator=generator, device=dev)
+    y0, y1 = (cy - cut_h // 2).clamp(0, H), (cy + cut_h // 2).clamp(0, H)
+    x0, x1 = (cx - cut_w // 2).clamp(0, W), (cx + cut_w // 2).clamp(0, W)
+    ys, xs = torch.arange(H, device=dev).view(H, 1), torch.arange(W, device=dev).view(1, W)
+    box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)  # (H, W)
+    lam_box = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # lambda corrected for the clipped box
+    x_flip = x.flip(0)
+    x_cut = torch.where(box, x_flip, x)
+    x_mix = x * lam_mix.view(1, 1, 1, 1) + x_flip * (1 - lam_mix.view(1, 1, 1, 1))
+    x_out = torch.where(use_cutmix.view(1, 1, 1, 1), x_cut, x_mix)
+    lam = torch.where(use_cutmix, lam_box, lam_mix).view(1, 1)
+    off = label_smoothing / num_classes
+    t = F.one_hot(y, num_classes).float() * (1 - label_smoothing) + off
+    return x_out, lam * t + (1 - lam) * t.flip(0)
+
+# -----------------------------------------------------------------------------
+# command line: download and loader benchmark
+
+
+def bench(dataset='synthetic', batch_size=1024, device='cuda', steps=20, data_dir='data'):
+    split = load_split(dataset, 'train', data_dir)
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
+    for name, augment in (('no augmentation', None), ('pretrain_augment', pretrain_augment),
+                          ('finetune_augment', finetune_augment)):
+        loader = DeviceLoader(split, batch_size=batch_size, device=device, augment=augment)
+        batches = loader.epoch(0)
+        warmup = min(3, loader.steps_per_epoch - 1)
+        n = max(1, min(steps, loader.steps_per_epoch - warmup))
+        for _ in range(warmup):
+            next(batches)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        sync()
+        dt = time.perf_counter() - t0
+        print(f'{dataset} {name:>16}: {n * batch_size / dt:12,.0f} images/s '
+              f'({1000 * dt / n:.2f} ms per batch of {batch_size}, {device})')
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('download', help='fetch and unpack an official archive')
+    p.add_argument('name', choices=sorted(ARCHIVES))
+    p.add_argument('--data_dir', default='data')
+    p = sub.add_parser('bench', help='images/s of the DeviceLoader')
+    p.add_argument('--dataset', default='synthetic', choices=DATASETS)
+    p.add_argument('--batch_size', type=int, default=1024)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--steps', type=int, default=20)
+    p.add_argument('--data_dir', default='data')
+    args = parser.parse_args()
+    try:
+        if args.command == 'download':
+            download(args.name, args.data_dir)
+        else:
+            bench(args.dataset, args.batch_size, args.device, args.steps, args.data_dir)
+    except DataError as e:
+        sys.exit(f'error: {e}')
