@@ -10,6 +10,7 @@ pre-training recipe (PAPER.md section 3). The training step is the same whatever
 accumulation steps: the global batch, its order and its masks depend only on (seed, step).
 """
 import contextlib
+import json
 import os
 import time
 
@@ -262,6 +263,7 @@ def train(cfg, given, run):
         return total / max(n, 1)
 
     mae.train()
+    t_start, loss_now, vl = time.time(), float('nan'), None
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch % max(cfg.epochs, 1) if not cfg.bench_steps else epoch,
@@ -345,6 +347,11 @@ def train(cfg, given, run):
                         run.log(dict(event='checkpoint', step=step, epoch=done, val_loss=vl),
                                 f"epoch {done}: val masked-patch loss {vl:.4f}; saved {cfg.out_dir}/ckpt.pt")
                     run.barrier()
+    if run.master:  # the run's summary; its presence also marks the run as finished (reproduce.sh skips it)
+        summary = dict(script='pretrain', model=cfg.model, dataset=cfg.dataset, mask=cfg.mask, masking=cfg.masking,
+                       alpha=cfg.alpha, epochs=cfg.epochs, steps=step, final_loss=loss_now,
+                       val_loss=vl, wall_s=round(time.time() - t_start, 1), config=vars(cfg))
+        common.write_text_atomic(json.dumps(summary, indent=1), os.path.join(cfg.out_dir, 'results.json'))
     run.print(f"done: {cfg.out_dir}/ckpt.pt")
     return 0
 

@@ -2,7 +2,14 @@
 import os
 import sys
 
-import pytest
+# One thread per process: the tests run small ops, where a second OpenMP thread mostly spins, and on a busy
+# 2-core machine it makes them many times slower. Subprocesses (torchrun, kill tests) inherit this.
+os.environ['OMP_NUM_THREADS'] = '1'
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

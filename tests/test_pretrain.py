@@ -27,6 +27,8 @@ def test_few_steps_write_checkpoint_log_and_png(tiny, tmp_path):
     assert len(records(out, 'train')) == 8 and records(out, 'start')[0]['config']['dataset'] == 'demo'
     assert (out / 'recon_ep0001.png').stat().st_size > 1000
     assert not (out / '.lock').exists(), "the out_dir lock outlived the run"
+    summary = json.load(open(out / 'results.json'))
+    assert summary['steps'] == 8 and summary['val_loss'] == ck['val_loss'] and summary['final_loss'] > 0
     # the encoder weights load into a classifier as they are (what finetune.py and probe.py do)
     clf = M.build_classifier(M.ViTConfig(**ck['model_config']), num_classes=5)
     sd = M.encoder_state_dict(ck['model'])
