@@ -1,0 +1,228 @@
+"""Reliability: a killed run loses nothing, bad input gets one clear line and a non-zero exit, no good file is
+overwritten. Each row of the README's bad-input table has a test here (or in the test file named beside it)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import model as M
+import pretrain
+from conftest import ROOT
+
+
+def weights(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+
+
+def same_weights(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def start(script, argv):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script)] + argv, env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_log(out, predicate, proc, timeout=120):
+    path = os.path.join(out, 'log.jsonl')
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-2000:]}")
+        if os.path.exists(path):
+            for line in open(path).read().splitlines():
+                try:
+                    if predicate(json.loads(line)):
+                        return
+                except json.JSONDecodeError:
+                    pass  # a line being written
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the log")
+
+
+# --- kill and resume --------------------------------------------------------------------------------------
+
+RUN = ('--epochs', 3, '--ckpt_every', 1, '--picture_every', 100)
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+    """The uninterrupted reference run, shared by the kill tests."""
+    from conftest import TINY
+    out = tmp_path_factory.mktemp('straight')
+    argv = TINY + ['--out_dir', str(out), '--data_dir', str(out / 'data')] + [str(a) for a in RUN]
+    assert pretrain.main(argv) == 0
+    return weights(out)
+
+
+def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tiny, tmp_path, straight):
+    args = RUN
+    killed = tmp_path / 'killed'
+    proc = start('pretrain.py', tiny(*args, out='killed'))
+    wait_for_log(killed, lambda r: r['event'] == 'checkpoint', proc)
+    time.sleep(np.random.default_rng().uniform(0.0, 0.5))  # somewhere in epoch 2, perhaps inside a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert pretrain.main(tiny('--resume', 'true', out='killed')) == 0  # the killed run's stale lock is taken over
+    assert same_weights(straight, weights(killed))
+
+
+def test_sigterm_saves_mid_epoch_and_resume_matches(tiny, tmp_path, straight):
+    args = RUN
+    out = tmp_path / 'term'
+    proc = start('pretrain.py', tiny(*args, out='term'))
+    wait_for_log(out, lambda r: r['event'] == 'train' and r['step'] >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == common.PREEMPTED_EXIT_CODE, stderr[-2000:]
+    assert 'stopped by signal' in stdout and '--resume true' in stdout
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert 3 <= ck['step'] < 24
+    assert pretrain.main(tiny('--resume', 'true', out='term')) == 0
+    assert same_weights(straight, weights(out))
+
+
+# --- bad input: one clear line, non-zero exit, nothing lost ------------------------------------------------
+
+def run_cli(main, argv, capsys, monkeypatch, script='pretrain.py'):
+    """Run a script's main the way `python script.py ...` does; return (exit code, stderr lines)."""
+    monkeypatch.setattr(sys, 'argv', [script] + [str(a) for a in argv])
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(main)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+def one_line_error(code, err, *needles):
+    assert code not in (0, None), "a bad input must give a non-zero exit"
+    assert len(err) == 1, f"expected one line on stderr, got: {err}"
+    for n in needles:
+        assert n in err[0], f"{n!r} not in {err[0]!r}"
+
+
+@pytest.mark.parametrize('extra, needles', [
+    (('--maks', 0.5), ['unknown config name --maks', 'did you mean --mask']),
+    (('--epochs', 'two'), ['--epochs expects an integer']),
+    (('--mask', 1.5), ['--mask must be in (0, 1)']),
+    (('--img_size', 30), ['img_size 30 is not divisible by patch_size 8']),
+    (('--alpha', 0.5), ['needs a perceptual critic', 'finetune.py --arch squeezenet']),
+    (('--resume', 'true'), ['no checkpoint at', 'run without --resume']),
+])
+def test_bad_config_rows(extra, needles, tiny, capsys, monkeypatch):
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, *extra), capsys, monkeypatch), *needles)
+
+
+def test_missing_dataset_row(tmp_path, capsys, monkeypatch):
+    code, err = run_cli(pretrain.main, ['--dataset', 'tin', '--data_dir', tmp_path / 'nothing',
+                                        '--out_dir', tmp_path / 'o'], capsys, monkeypatch)
+    one_line_error(code, err, 'tiny-imagenet-200', '--download true')
+
+
+def write_tin(root, corrupt=False, annotations=True):
+    """A two-class Tiny ImageNet in the official layout."""
+    wnids = ['n01443537', 'n01629819']
+    os.makedirs(root / 'val' / 'images')
+    (root / 'wnids.txt').write_text('\n'.join(wnids) + '\n')
+    rows = []
+    for c, w in enumerate(wnids):
+        os.makedirs(root / 'train' / w / 'images')
+        for i in range(3):
+            Image.fromarray(np.full((64, 64, 3), 40 * i + c, np.uint8)).save(root / 'train' / w / 'images' / f'{w}_{i}.JPEG')
+        Image.fromarray(np.full((64, 64, 3), 9, np.uint8)).save(root / 'val' / 'images' / f'val_{c}.JPEG')
+        rows.append(f'val_{c}.JPEG\t{w}\t0\t0\t63\t63')
+    if annotations:
+        (root / 'val' / 'val_annotations.txt').write_text('\n'.join(rows) + '\n')
+    if corrupt:
+        (root / 'train' / wnids[1] / 'images' / f'{wnids[1]}_1.JPEG').write_bytes(b'not a jpeg at all')
+
+
+def test_missing_annotation_file_row(tmp_path, capsys, monkeypatch):
+    write_tin(tmp_path / 'data' / 'tiny-imagenet-200', annotations=False)
+    code, err = run_cli(pretrain.main, ['--dataset', 'tin', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+                                        '--batch_size', 2], capsys, monkeypatch)
+    one_line_error(code, err, 'val_annotations.txt')
+
+
+def test_corrupt_image_row(tmp_path, capsys, monkeypatch):
+    write_tin(tmp_path / 'data' / 'tiny-imagenet-200', corrupt=True)
+    code, err = run_cli(pretrain.main, ['--dataset', 'tin', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+                                        '--batch_size', 2], capsys, monkeypatch)
+    one_line_error(code, err, 'n01629819_1.JPEG')
+    assert not [f for f in os.listdir(tmp_path / 'data' / 'tiny-imagenet-200') if 'cache' in f], "a partial cache was left"
+
+
+def test_out_dir_not_writable_row(tmp_path, capsys, monkeypatch, tiny):
+    (tmp_path / 'a_file').write_text('x')
+    argv = tiny('--epochs', 1) + ['--out_dir', str(tmp_path / 'a_file' / 'run')]  # a path under a file (works as root too)
+    one_line_error(*run_cli(pretrain.main, argv, capsys, monkeypatch), 'is not writable', '--out_dir')
+
+
+def test_truncated_and_foreign_checkpoint_on_resume_row(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    (out / 'ckpt.pt').write_bytes(b'PK\x03\x04 truncated')
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true'), capsys, monkeypatch), str(out / 'ckpt.pt'), 'not a readable checkpoint')
+    torch.save({'state_dict': {}}, out / 'ckpt.pt')
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true'), capsys, monkeypatch), 'not a checkpoint of this toolkit')
+
+
+def test_non_finite_loss_row_keeps_last_good_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    assert pretrain.main(tiny('--epochs', 1)) == 0
+    good = (tmp_path / 'run' / 'ckpt.pt').read_bytes()
+    real_forward = M.MAEObjective.forward
+    monkeypatch.setattr(M.MAEObjective, 'forward', lambda self, *a: real_forward(self, *a) * float('nan'))
+    code, err = run_cli(pretrain.main, tiny('--resume', 'true', '--epochs', 2), capsys, monkeypatch)
+    assert code == 1
+    one_line_error(code, err, 'loss became nan', 'untouched')
+    assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == good
+
+
+def test_fresh_run_never_overwrites_a_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    assert pretrain.main(tiny('--epochs', 1)) == 0
+    good = (tmp_path / 'run' / 'ckpt.pt').read_bytes()
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'already holds a checkpoint', '--resume true')
+    assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == good
+
+
+def test_resume_with_contradicting_architecture_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    assert pretrain.main(tiny('--epochs', 1)) == 0
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true', '--model', 'vit_tiny'), capsys, monkeypatch),
+                   'contradicts the checkpoint', 'model')
+    # a non-architecture change is allowed and reported
+    assert pretrain.main(tiny('--resume', 'true', '--epochs', 2)) == 0
+
+
+def test_two_runs_in_one_out_dir_are_refused(tiny, tmp_path, capsys, monkeypatch):
+    os.makedirs(tmp_path / 'run')
+    (tmp_path / 'run' / '.lock').write_text(f"{os.getpid()} finetune\n")  # a live process holds it
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'is in use by finetune')
+    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
+    # a stale lock (its process is gone) is taken over
+    (tmp_path / 'run' / '.lock').write_text("999999999 pretrain\n")
+    assert pretrain.main(tiny('--epochs', 1)) == 0
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    common.save_atomic({'kind': 'pretrain', 'model': {}, 'v': 1}, path)
+    real = torch.save
+
+    def dies_halfway(obj, f, *a, **k):
+        f.write(b'PK partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', dies_halfway)
+    with pytest.raises(OSError):
+        common.save_atomic({'kind': 'pretrain', 'model': {}, 'v': 2}, path)
+    monkeypatch.setattr(torch, 'save', real)
+    assert common.load_checkpoint(path)['v'] == 1, "the good checkpoint was damaged"
+    assert os.listdir(tmp_path) == ['ckpt.pt'], "a temporary file was left behind"
