@@ -46,7 +46,7 @@ def cli(main):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code or 0)
+    sys.exit(code if isinstance(code, int) else 0)  # benchmark modes return their figures
 
 
 # -----------------------------------------------------------------------------
@@ -379,14 +379,15 @@ def get_lr(step, total_steps, warmup_steps, lr, min_lr=0.0):
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def param_groups(model, weight_decay, lr_scale_of=None):
-    """AdamW groups: no weight decay on biases and 1-D parameters (norms), as in official MAE.
-    lr_scale_of(name) -> float gives a per-parameter lr multiplier (layer-wise decay), stored as 'lr_scale'."""
+def param_groups(model, weight_decay, lr_scale_of=None, no_decay=()):
+    """AdamW groups: no weight decay on biases and 1-D parameters (norms), as in official MAE, nor on the names
+    in no_decay (official fine-tuning also exempts cls_token). lr_scale_of(name) -> float gives a per-parameter lr
+    multiplier (layer-wise decay), stored as 'lr_scale'."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if (p.ndim <= 1 or name.endswith('.bias')) else weight_decay
+        decay = 0.0 if (p.ndim <= 1 or name.endswith('.bias') or name in no_decay) else weight_decay
         scale = lr_scale_of(name) if lr_scale_of else 1.0
         g = groups.setdefault((decay, scale), {'params': [], 'weight_decay': decay, 'lr_scale': scale})
         g['params'].append(p)

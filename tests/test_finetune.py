@@ -1,0 +1,198 @@
+"""finetune.py: runs from a pre-training checkpoint, from scratch and as the SqueezeNet critic; the checkpoint's
+weights are the ones trained; layer-wise lr decay; exact resume; SIGTERM; one-line errors naming the file."""
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import finetune
+import model as M
+import pretrain
+from conftest import TINY
+
+
+def script_argv(script, argv):
+    """The TINY argv (pairs of --name value) without the names `script` does not have (e.g. pretrain's val_images)."""
+    known = common.script_defaults(vars(script))
+    pairs = list(zip(argv[::2], argv[1::2]))
+    return [a for name, value in pairs if name[2:] in known for a in (name, value)]
+
+
+@pytest.fixture(scope='module')
+def pre(tmp_path_factory):
+    """A tiny pre-training checkpoint (vit_lite, 32 px, patch 8), made once for this module."""
+    root = tmp_path_factory.mktemp('pre')
+    assert pretrain.main(TINY + ['--out_dir', str(root / 'pre'), '--data_dir', str(root / 'data'),
+                                 '--epochs', '1', '--subset', '64', '--val_images', '32']) == 0
+    return str(root / 'pre' / 'ckpt.pt')
+
+
+@pytest.fixture
+def ft(tiny):
+    """finetune argv: TINY (what finetune knows of it) on 64 images (2 steps an epoch) plus extras."""
+    def make(*extra, out='run'):
+        return script_argv(finetune, tiny('--subset', 64, *extra, out=out))
+    return make
+
+
+def records(out, event):
+    return [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if r['event'] == event]
+
+
+def results(out):
+    with open(os.path.join(out, 'results.json')) as f:
+        return json.load(f)
+
+
+def perturbed_copy(path, dst):
+    ck = torch.load(path, weights_only=True)
+    ck['model']['blocks.0.attn.qkv.weight'] += 0.5
+    torch.save(ck, dst)
+    return str(dst)
+
+
+# --- end to end --------------------------------------------------------------------------------------
+
+def test_from_pretrain_ckpt_trains_exactly_the_checkpoints_encoder(ft, pre, tmp_path):
+    # lr 1e-30: no update is representable in float32, so the final weights are the loaded ones
+    assert finetune.main(ft('--ckpt', pre, '--epochs', 1, '--lr', 1e-30)) == 0
+    out = tmp_path / 'run'
+    res = results(out)
+    assert {'top1', 'top5', 'epoch', 'config', 'best_top1'} <= set(res) and res['epoch'] == 1
+    assert 0 <= res['top1'] <= res['top5'] <= 100 and res['config']['ckpt'] == pre and res['num_classes'] == 8
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['kind'] == 'finetune' and ck['step'] == 2 and ck['config']['arch'] == 'vit'
+    assert ck['model_config']['num_classes'] == 8 and ck['model_config']['patch_size'] == 8
+    assert {'optimizer', 'scaler', 'rng', 'history'} <= set(ck)
+    enc = M.encoder_state_dict(torch.load(pre, weights_only=True)['model'])
+    assert set(ck['model']) - set(enc) == {'head.weight', 'head.bias'}
+    for k, v in enc.items():
+        assert torch.equal(ck['model'][k], v), f"{k} is not the pre-trained checkpoint's"
+    assert len(records(out, 'eval')) == 1 and not (out / '.lock').exists()
+
+    # a perturbed encoder weight changes the very first loss (measured before any update)
+    bad = perturbed_copy(pre, tmp_path / 'perturbed.pt')
+    assert finetune.main(ft('--ckpt', bad, '--epochs', 1, '--lr', 1e-30, out='perturbed')) == 0
+    first = [records(tmp_path / d, 'train')[0]['loss'] for d in ('run', 'perturbed')]
+    assert first[0] != first[1], first
+
+
+def test_from_scratch_and_the_squeezenet_critic(ft, tmp_path):
+    assert finetune.main(ft('--epochs', 1)) == 0
+    res = results(tmp_path / 'run')
+    assert res['init'].startswith('random') and res['model'] == 'vit_lite' and 0 <= res['top1'] <= 100
+
+    assert finetune.main(ft('--arch', 'squeezenet', '--epochs', 1, out='critic')) == 0
+    res = results(tmp_path / 'critic')
+    assert res['arch'] == 'squeezenet' and 0 <= res['top1'] <= res['top5'] <= 100
+    # pretrain.py's SMAE loads it as its perceptual critic
+    path = str(tmp_path / 'critic' / 'ckpt.pt')
+    ck = torch.load(path, weights_only=True)
+    assert ck['kind'] == 'finetune' and ck['config']['arch'] == 'squeezenet' and ck['model_config']['num_classes'] == 8
+    mae = M.build_mae(M.make_config('vit_lite', img_size=32, patch_size=8, loss_on_all=True))
+    cfg = SimpleNamespace(alpha=0.5, weighting='fixed', critic=path, critic_sigmoid=True)
+    objective = pretrain.make_objective(mae, cfg, SimpleNamespace(device=torch.device('cpu')))
+    assert torch.equal(objective.critic[0].weight, ck['model']['features.0.weight'])
+
+
+def test_layer_decay_scales():
+    net = M.build_classifier(M.make_config('vit_lite'), 10)  # depth 7
+    cfg = SimpleNamespace(arch='vit', layer_decay=0.75, weight_decay=0.05)
+    groups = finetune.optimizer_groups(net, cfg)
+    scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    decay = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    named = dict(net.named_parameters())
+    expect = {'patch_embed.proj.weight': 0.75 ** 8, 'cls_token': 0.75 ** 8, 'blocks.0.attn.qkv.weight': 0.75 ** 7,
+              'blocks.0.norm1.bias': 0.75 ** 7, 'blocks.6.mlp.fc2.weight': 0.75, 'norm.weight': 1.0,
+              'head.weight': 1.0, 'head.bias': 1.0}
+    for name, s in expect.items():
+        assert scale[id(named[name])] == pytest.approx(s), name
+    assert decay[id(named['head.bias'])] == 0.0 and decay[id(named['head.weight'])] == 0.05
+    assert len(scale) == len(named)  # every parameter is in exactly one group
+    opt = common.make_optimizer(groups, 1.0, (0.9, 0.999), torch.device('cpu'))
+    common.set_lr(opt, 2.0)
+    assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx(sorted({2.0 * 0.75 ** k for k in range(9)}))
+    # off: one scale
+    assert {g['lr_scale'] for g in finetune.optimizer_groups(net, SimpleNamespace(arch='vit', layer_decay=1.0,
+                                                                                   weight_decay=0.05))} == {1.0}
+
+
+# --- resume and signals ------------------------------------------------------------------------------
+
+def test_resume_is_bit_identical(ft, pre, tmp_path, monkeypatch):
+    saved = []
+    real_save = common.save_atomic
+
+    def save_and_keep(obj, path):  # keep a copy of the first checkpoint (end of epoch 1)
+        real_save(obj, path)
+        if not saved:
+            saved.append(str(tmp_path / 'epoch1.pt'))
+            shutil.copy(path, saved[0])
+    # augmentation, mixup/cutmix and drop path on: every random stream must continue exactly
+    extra = ('--ckpt', pre, '--ckpt_every', 1, '--eval_every', 10, '--drop_path', 0.1, '--mixup', 0.8,
+             '--cutmix', 1.0, '--label_smoothing', 0.1, '--layer_decay', 0.75)
+    monkeypatch.setattr(common, 'save_atomic', save_and_keep)
+    assert finetune.main(ft('--epochs', 3, *extra)) == 0
+    monkeypatch.setattr(common, 'save_atomic', real_save)
+    full = [(r['step'], r['loss']) for r in records(tmp_path / 'run', 'train')]
+
+    os.makedirs(tmp_path / 'resumed')
+    shutil.copy(saved[0], tmp_path / 'resumed' / 'ckpt.pt')
+    assert finetune.main(ft('--resume', 'true', out='resumed')) == 0
+    resumed = [(r['step'], r['loss']) for r in records(tmp_path / 'resumed', 'train')]
+    assert resumed[0][0] == 3 and resumed == full[2:]
+    a = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert results(tmp_path / 'run')['top1'] == results(tmp_path / 'resumed')['top1']
+
+
+def test_sigterm_saves_and_exits_preempted(ft, tmp_path, monkeypatch):
+    class Stopped(common.StopSignal):  # as if SIGTERM arrived during the first step
+        def __init__(self):
+            super().__init__()
+            self.requested = True
+    monkeypatch.setattr(common, 'StopSignal', Stopped)
+    assert finetune.main(ft('--epochs', 2)) == common.PREEMPTED_EXIT_CODE
+    ck = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ck['step'] == 1 and not (tmp_path / 'run' / 'results.json').exists()
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+def test_errors_name_the_file(ft, pre, tmp_path):
+    def fails(match, *extra):
+        with pytest.raises(common.UserError, match=match):
+            finetune.main(ft('--epochs', 1, *extra, out=f'err{len(os.listdir(tmp_path))}'))
+
+    missing = str(tmp_path / 'nope.pt')
+    fails(f'checkpoint {missing} does not exist', '--ckpt', missing)
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(os.urandom(256))
+    fails(f'{garbage} is not a readable checkpoint', '--ckpt', str(garbage))
+    other = tmp_path / 'finetuned.pt'
+    torch.save({'kind': 'finetune', 'model': {}, 'config': {}}, other)
+    fails(f'{other} is a finetune.py checkpoint, but a pretrain.py checkpoint is expected', '--ckpt', str(other))
+    fails(f'--arch squeezenet .*no MAE pre-training.*--ckpt {pre}', '--arch', 'squeezenet', '--ckpt', pre)
+    fails(f'{pre} holds a vit_lite encoder but --model is vit_small', '--ckpt', pre, '--model', 'vit_small')
+    fails('--arch must be vit or squeezenet', '--arch', 'resnet')
+    # an out_dir holding another run's checkpoint is refused
+    os.makedirs(tmp_path / 'busy')
+    shutil.copy(pre, tmp_path / 'busy' / 'ckpt.pt')
+    with pytest.raises(common.UserError, match='already holds a checkpoint'):
+        finetune.main(ft('--epochs', 1, out='busy'))
+    with pytest.raises(common.UserError, match='holds a pretrain.py run, not a finetune.py run'):
+        finetune.main(ft('--epochs', 1, '--resume', 'true', out='busy'))
+
+
+def test_defaults_are_the_papers_recipe():
+    d = common.script_defaults(vars(finetune))
+    assert (d['dataset'], d['epochs'], d['warmup_epochs'], d['batch_size'], d['augment']) == ('tin', 100, 5, 128, True)
+    assert (d['weight_decay'], d['beta1'], d['beta2'], d['layer_decay'], d['arch'], d['ckpt']) == (0.05, 0.9, 0.999, 1.0, 'vit', '')
+    assert d['lr'] == 0.0
+    base = lambda **kw: finetune.base_lr(SimpleNamespace(**{**dict(lr=0.0, dataset='tin'), **kw}))
+    assert (base(), base(dataset='cub'), base(lr=2e-3, dataset='cub')) == (1e-3, 5e-4, 2e-3)

@@ -1,0 +1,143 @@
+"""probe.py: end to end on demo data, the frozen encoder is the checkpoint's and stays unchanged, the head
+learns, out_dir protection and one-line errors."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import common
+import data
+import model as M
+import pretrain
+import probe
+from conftest import TINY
+
+
+def script_argv(script, argv):
+    """The TINY argv (pairs of --name value) without the names `script` does not have (patch_size, val_images)."""
+    known = common.script_defaults(vars(script))
+    pairs = list(zip(argv[::2], argv[1::2]))
+    return [a for name, value in pairs if name[2:] in known for a in (name, value)]
+
+
+@pytest.fixture(scope='module')
+def pre(tmp_path_factory):
+    """A tiny pre-training checkpoint (vit_lite, 32 px, patch 8), made once for this module."""
+    root = tmp_path_factory.mktemp('pre')
+    assert pretrain.main(TINY + ['--out_dir', str(root / 'pre'), '--data_dir', str(root / 'data'),
+                                 '--epochs', '1', '--subset', '64', '--val_images', '32']) == 0
+    return str(root / 'pre' / 'ckpt.pt')
+
+
+@pytest.fixture
+def pr(tiny, pre):
+    """probe argv: TINY (what probe knows of it: 256 train images, 32 px) with the tiny checkpoint, plus extras."""
+    def make(*extra, out='run'):
+        return script_argv(probe, tiny('--ckpt', pre, *extra, out=out))
+    return make
+
+
+def test_probe_end_to_end_beats_chance(pr, tmp_path):
+    assert probe.main(pr('--epochs', 30, '--log_every', 10)) == 0
+    out = tmp_path / 'run'
+    res = json.load(open(out / 'results.json'))
+    assert {'top1', 'top5', 'best_top1', 'epoch', 'config', 'history'} <= set(res) and len(res['history']) == 30
+    assert res['num_classes'] == 8 and res['train_images'] == 256 and res['val_images'] == 384
+    assert res['top1'] > 2 * 100 / 8, res['top1']   # 8 demo classes: chance is 12.5%
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['kind'] == 'probe' and ck['model_config']['patch_size'] == 8 and ck['num_classes'] == 8
+    assert set(ck['model']) == {'0.running_mean', '0.running_var', '0.num_batches_tracked', '1.weight', '1.bias'}
+    head = probe.make_head(256, 8)
+    head.load_state_dict(ck['model'])
+    assert head[0].affine is False and head[0].eps == 1e-6
+    lines = [json.loads(r) for r in open(out / 'log.jsonl')]
+    assert [r['epoch'] for r in lines if r['event'] == 'probe'] == list(range(1, 31))
+    assert not (out / '.lock').exists()
+    # the out_dir now holds a probe run: refused without --resume; --resume true reruns the probe there
+    with pytest.raises(common.UserError, match='already holds a checkpoint'):
+        probe.main(pr('--epochs', 2))
+    assert probe.main(pr('--epochs', 2, '--subset', 32, '--resume', 'true')) == 0
+    res = json.load(open(out / 'results.json'))
+    assert res['epoch'] == 2 and res['train_images'] == 32
+
+
+def test_encoder_is_the_checkpoints_and_stays_frozen(pre, tmp_path):
+    encoder, _ = common.load_encoder(pre, num_classes=0)
+    enc_sd = M.encoder_state_dict(torch.load(pre, weights_only=True)['model'])
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    assert set(before) == set(enc_sd) and all(torch.equal(before[k], enc_sd[k]) for k in before)
+
+    split = data.load_split('demo', 'train', str(tmp_path / 'data'))
+    imgs, labels = split.images[::12], split.labels[::12]     # 128 images, all 8 classes
+    cpu = torch.device('cpu')
+    f, y = probe.extract_features(encoder, imgs, labels, cpu, batch_size=50)
+    assert f.shape == (128, 256) and f.dtype == torch.float32 and torch.equal(y, labels) and not encoder.training
+    f2, _ = probe.extract_features(encoder, imgs, labels, cpu, batch_size=128)
+    assert torch.allclose(f, f2, atol=1e-5)                  # batching does not matter
+    fm, _ = probe.extract_features(encoder, imgs, None, cpu, pool='mean')
+    assert fm.shape == f.shape and not torch.allclose(fm, f)
+    out = probe.train_linear_head(f, y, f, y, 8, epochs=3, warmup_epochs=1, batch_size=32)
+    assert len(out['history']) == 3 and not out['head'].training
+    after = encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the probe changed the encoder"
+    assert all(p.grad is None for p in encoder.parameters())
+
+    # a perturbed checkpoint weight changes the features
+    ck = torch.load(pre, weights_only=True)
+    ck['model']['blocks.0.attn.qkv.weight'] += 0.5
+    torch.save(ck, tmp_path / 'perturbed.pt')
+    other, _ = common.load_encoder(str(tmp_path / 'perturbed.pt'), num_classes=0)
+    fp, _ = probe.extract_features(other, imgs, labels, cpu)
+    assert not torch.allclose(fp, f, atol=1e-3)
+
+
+def test_train_linear_head_is_deterministic_and_learns():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centres[y] + torch.randn(400, 16, generator=g)
+    runs = [probe.train_linear_head(x[:300], y[:300], x[300:], y[300:], 4, epochs=5, warmup_epochs=1, batch_size=64,
+                                    seed=1) for _ in range(2)]
+    assert runs[0]['history'] == runs[1]['history'] and runs[0]['top1'] > 90
+    logged = []
+    probe.train_linear_head(x, y, x, y, 4, epochs=2, warmup_epochs=0, log=lambda r, line: logged.append((r, line)))
+    assert [r['epoch'] for r, _ in logged] == [1, 2] and 'top-1' in logged[0][1]
+
+
+def test_accuracy():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5], [0.3, 0.4, 0.2]])
+    labels = torch.tensor([1, 1, 2, 0])
+    top1, top2, top5 = probe.accuracy(logits, labels, topk=(1, 2, 5))  # top-5 is capped at 3 classes
+    assert (top1, top2, top5) == (50.0, 75.0, 100.0)
+    assert probe.accuracy(logits, labels) == [50.0, 100.0]
+
+
+def test_out_dir_of_another_run_is_refused(pr, pre, tmp_path):
+    os.makedirs(tmp_path / 'busy')
+    shutil.copy(pre, tmp_path / 'busy' / 'ckpt.pt')
+    with pytest.raises(common.UserError, match='already holds a checkpoint'):
+        probe.main(pr('--epochs', 1, out='busy'))
+    with pytest.raises(common.UserError, match='holds a pretrain.py run, not a probe.py run'):
+        probe.main(pr('--epochs', 1, '--resume', 'true', out='busy'))
+    assert not (tmp_path / 'busy' / 'results.json').exists()
+
+
+def test_errors_name_the_file(pr, pre, tmp_path, tiny):
+    def fails(match, argv):
+        with pytest.raises(common.UserError, match=match):
+            probe.main(argv)
+    n = iter(range(1, 100))
+    fails('probe.py needs --ckpt', script_argv(probe, tiny('--epochs', 1, out='e0')))
+    missing = str(tmp_path / 'nope.pt')
+    fails(f'checkpoint {missing} does not exist', pr('--ckpt', missing, out=f'e{next(n)}'))
+    garbage = tmp_path / 'garbage.pt'
+    garbage.write_bytes(os.urandom(256))
+    fails(f'{garbage} is not a readable checkpoint', pr('--ckpt', str(garbage), out=f'e{next(n)}'))
+    other = tmp_path / 'finetuned.pt'
+    torch.save({'kind': 'finetune', 'model': {}, 'config': {}}, other)
+    fails(f'{other} is a finetune.py checkpoint, but a pretrain.py checkpoint is expected',
+          pr('--ckpt', str(other), out=f'e{next(n)}'))
+    fails(f'{pre} holds a vit_lite encoder but --model is vit_small', pr('--model', 'vit_small', out=f'e{next(n)}'))
+    fails('--pool must be cls or mean', pr('--pool', 'max', out=f'e{next(n)}'))
