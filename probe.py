@@ -163,6 +163,7 @@ def main(argv=None):
 def probe(cfg, given, run):
     if not run.master:
         return 0  # rank 0 does the whole probe: the features take seconds to extract
+    t_start = time.time()
     _, cfg = common.check_out_dir(run, cfg, given, 'probe', ARCH_KEYS)  # refuses another run's out_dir
     if not cfg.ckpt:
         raise common.UserError("probe.py needs --ckpt: the pretrain.py checkpoint whose frozen encoder is probed "
@@ -210,7 +211,8 @@ def probe(cfg, given, run):
     results = dict(top1=out['top1'], top5=out['top5'], best_top1=out['best_top1'], best_epoch=out['best_epoch'],
                    epoch=cfg.epochs, dataset=cfg.dataset, model=cfg.model, ckpt=cfg.ckpt, pool=cfg.pool,
                    num_classes=num_classes, train_images=len(train_f), val_images=len(val_f), peak_lr=peak_lr,
-                   seconds=round(seconds, 2), history=out['history'], config=vars(cfg))
+                   seconds=round(seconds, 2), wall_s=round(time.time() - t_start, 1), history=out['history'],
+                   config=vars(cfg))
     common.write_text_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
     run.print(f"done: linear probe val top-1 {out['top1']:.2f}% top-5 {out['top5']:.2f}% (best top-1 "
               f"{out['best_top1']:.2f}% at epoch {out['best_epoch']}) in {seconds:.1f}s; {cfg.out_dir}/results.json")
