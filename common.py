@@ -506,3 +506,135 @@ def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path):
     os.replace(tmp, path)
     mae.train(was_training)
     return path
+
+
+# -----------------------------------------------------------------------------
+# the pieces of the training loop that pretrain.py and finetune.py share
+
+
+def compile_and_wrap(module, cfg, run):
+    """torch.compile on CUDA (cfg.compile_mode; DDP's gradient hooks need the default mode, not CUDA graphs), then
+    DDP under torchrun. Returns (the module to step, whether CUDA graphs are in use). The caller keeps `module` itself,
+    unwrapped, for saving and evaluation."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    step_model, cudagraphs = module, False
+    if cfg.compile and run.cuda:
+        mode = cfg.compile_mode if not run.ddp else 'default'
+        cudagraphs = mode in ('reduce-overhead', 'max-autotune')
+        step_model = torch.compile(module, mode=mode)
+    if run.ddp:
+        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    return step_model, cudagraphs
+
+
+class LossMeter:
+    """Sums micro-batch losses on the device (no host sync per step); `read` averages them over ranks at a log point
+    and stops the run with NonFiniteLoss, leaving the last checkpoint as it was, if they are not finite."""
+
+    def __init__(self, run, out_dir):
+        self.run, self.out_dir = run, out_dir
+        self.sum = torch.zeros((), device=run.device)
+        self.count = self.images = 0
+
+    def add(self, loss, images):
+        self.sum += loss.detach()
+        self.count += 1
+        self.images += images
+
+    def read(self, step, where):
+        value = self.run.mean(self.sum.item() / max(1, self.count))
+        if not math.isfinite(value):
+            last = os.path.join(self.out_dir, 'ckpt.pt')
+            kept = f"the last good checkpoint {last} is untouched" if os.path.exists(last) else "no checkpoint was written"
+            raise NonFiniteLoss(f"loss became {value} at step {step} ({where}); {kept}: lower --lr, "
+                                f"set --grad_clip 1.0, or use --dtype bfloat16")
+        return value
+
+    def reset(self):
+        self.sum.zero_()
+        self.count = self.images = 0
+
+
+def log_train(run, losses, meter, step, steps_per_epoch, total_steps, lr):
+    """The periodic train record and line: epoch, step, loss, lr, images/s, MFU, ETA. Returns the loss."""
+    epoch = step / steps_per_epoch
+    loss = losses.read(step, f"epoch {epoch:.2f}")
+    ips, mfu, eta = meter.tick(losses.images, step)
+    run.log(dict(event='train', step=step, epoch=round(epoch, 4), loss=loss, lr=lr, images_per_s=round(ips, 1),
+                 mfu=mfu, eta_s=round(eta)),
+            f"epoch {epoch:7.2f} | step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | {ips:,.0f} img/s"
+            + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | eta {fmt_eta(eta)}")
+    losses.reset()
+    return loss
+
+
+def stop_requested(run, stop, step, log_every):
+    """SIGTERM seen? Under DDP the ranks agree at log points (one all-reduce), so they stop at the same step."""
+    if not run.ddp:
+        return stop.requested
+    return step % max(1, log_every) == 0 and run.any(stop.requested)
+
+
+def preempt(run, out_dir, step, save):
+    """Save where we are and tell the user how to continue; the exit code says the job did not finish."""
+    if run.master:
+        save()
+    run.print(f"stopped by signal at step {step}; checkpoint saved to {out_dir}/ckpt.pt; "
+              f"continue with --resume true --out_dir {out_dir}")
+    return PREEMPTED_EXIT_CODE
+
+
+class Benchmark:
+    """The benchmark mode of a training loop: after `warmup` steps (compilation, CUDA graph capture) time `steps`
+    steps of the real loop, then report images/s, step time, MFU and peak memory."""
+
+    def __init__(self, run, cfg, flops_per_image, label, **facts):
+        self.run, self.warmup, self.steps, self.batch = run, cfg.bench_warmup, cfg.bench_steps, cfg.batch_size
+        self.flops, self.label, self.facts = flops_per_image, label, facts
+        self.t0 = None
+
+    def after_step(self, step, losses):
+        """Call after every optimizer step; returns the result dict after the last timed step, else None."""
+        if step == self.warmup:
+            losses.read(step, 'benchmark warm-up')
+            if self.run.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            self.t0 = time.perf_counter()
+        elif step == self.warmup + self.steps:
+            losses.read(step, 'benchmark')
+            if self.run.cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - self.t0
+            ips = self.steps * self.batch / dt
+            peak = peak_flops(self.run)
+            result = dict(images_per_s=ips, step_ms=1000 * dt / self.steps,
+                          mfu=ips * self.flops / (peak * self.run.world_size) if peak else None,
+                          peak_mem_gb=torch.cuda.max_memory_allocated(self.run.device) / 1e9 if self.run.cuda else None,
+                          batch_size=self.batch, world_size=self.run.world_size, **self.facts)
+            mfu = f"{100 * result['mfu']:.1f}%" if result['mfu'] else 'n/a'
+            mem = f"{result['peak_mem_gb']:.2f} GB" if self.run.cuda else 'n/a'
+            self.run.print(f"bench {self.label} batch {self.batch}: {ips:,.0f} images/s | step {result['step_ms']:.2f} ms | "
+                           f"MFU {mfu} | peak memory {mem}")
+            return result
+        return None
+
+
+@contextlib.contextmanager
+def micro_batch(run, step_model, micro, accum_steps, cudagraphs):
+    """Around one micro-batch's forward and backward: a new CUDA-graph step, and no DDP gradient all-reduce before
+    the last micro-batch of an optimizer step (gradient accumulation)."""
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    with step_model.no_sync() if (run.ddp and micro < accum_steps - 1) else contextlib.nullcontext():
+        yield
+
+
+def optimizer_step(run, optimizer, params, grad_clip):
+    """Clip (optionally), step through the GradScaler (a no-op scaler unless fp16), clear the gradients."""
+    if grad_clip > 0:
+        run.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    optimizer.zero_grad(set_to_none=True)

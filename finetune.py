@@ -12,14 +12,12 @@ recipe (PAPER.md section 3). Writes <out_dir>/ckpt.pt (kind 'finetune'), log.jso
 top-5 on the official val split: TIN val, CUB test). The data order depends only on (seed, epoch); the
 augmentation and mixup draws on (seed, epoch, step, rank, micro-step).
 """
-import contextlib
 import json
 import os
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
@@ -261,37 +259,21 @@ def train(cfg, given, run):
                      'base lr': f"{base_lr(cfg):.3g}" + (" (the recipe's for " + cfg.dataset + ")" if cfg.lr == 0 else ""),
                      'peak lr': f"{peak_lr:.3g}", 'layer decay': cfg.layer_decay, 'start step': step})
 
-    step_model = net
-    cudagraphs = False
-    if cfg.compile and run.cuda:
-        mode = cfg.compile_mode if not run.ddp else 'default'  # DDP's gradient hooks do not mix with CUDA graphs
-        cudagraphs = mode in ('reduce-overhead', 'max-autotune')
-        step_model = torch.compile(net, mode=mode)
-    if run.ddp:
-        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
-
+    step_model, cudagraphs = common.compile_and_wrap(net, cfg, run)  # `net` stays unwrapped for saving and eval
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     mix_gen = torch.Generator(device=device)
     meter = common.Throughput(run, flops, total_steps, start_step=step)
+    losses = common.LossMeter(run, cfg.out_dir)
+    name = 'squeezenet' if cfg.arch == 'squeezenet' else cfg.model
+    bench = common.Benchmark(run, cfg, flops, f"finetune {name} {img_size}px augment {cfg.augment} mixup {cfg.mixup} "
+                             f"cutmix {cfg.cutmix}", arch=cfg.arch, model=cfg.model, img_size=img_size, augment=cfg.augment)
     stop = common.StopSignal()
-    loss_sum, images_since = torch.zeros((), device=device), 0
-    micro_batch = cfg.batch_size // (run.world_size * cfg.accum_steps)
-    bench_t0 = None
 
     def criterion(logits, y, soft):
         logits = logits.float()
         if soft is not None:  # mixup / cutmix: soft targets (label smoothing is already in them)
             return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
         return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-
-    def check_finite(where):
-        value = run.mean(loss_sum.item() / max(1, images_since // micro_batch))
-        if not torch.isfinite(torch.tensor(value)):
-            last = os.path.join(cfg.out_dir, 'ckpt.pt')
-            kept = f"the last good checkpoint {last} is untouched" if os.path.exists(last) else "no checkpoint was written"
-            raise common.NonFiniteLoss(f"loss became {value} at step {step} ({where}); {kept}: lower --lr, "
-                                       f"set --grad_clip 1.0, or use --dtype bfloat16")
-        return value
 
     def save():
         common.save_atomic({'kind': 'finetune', 'model': net.state_dict(), 'model_config': model_config,
@@ -321,70 +303,27 @@ def train(cfg, given, run):
                     mix_gen.manual_seed(data.seed_for(cfg.seed, 3, step, run.rank, micro))
                     x, soft = data.mixup_cutmix(x, y, num_classes, cfg.mixup, cfg.cutmix, MIXUP_SWITCH_PROB,
                                                 cfg.label_smoothing, mix_gen)
-                last_micro = micro == cfg.accum_steps - 1
-                no_sync = step_model.no_sync() if (run.ddp and not last_micro) else contextlib.nullcontext()
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with no_sync, run.autocast:
-                    loss = criterion(step_model(x), y, soft)
+                with common.micro_batch(run, step_model, micro, cfg.accum_steps, cudagraphs):
+                    with run.autocast:
+                        loss = criterion(step_model(x), y, soft)
                     run.scaler.scale(loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()
-                images_since += x.shape[0]
-            if cfg.grad_clip > 0:
-                run.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            run.scaler.step(optimizer)
-            run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+                losses.add(loss, x.shape[0])
+            common.optimizer_step(run, optimizer, net.parameters(), cfg.grad_clip)
             step += 1
 
             if cfg.bench_steps:
-                if step == cfg.bench_warmup:
-                    check_finite('benchmark warm-up')
-                    if run.cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                    bench_t0 = time.perf_counter()
-                elif step == total_steps:
-                    check_finite('benchmark')
-                    if run.cuda:
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - bench_t0
-                    ips = cfg.bench_steps * cfg.batch_size / dt
-                    peak = common.peak_flops(run)
-                    result = dict(images_per_s=ips, step_ms=1000 * dt / cfg.bench_steps,
-                                  mfu=ips * flops / (peak * run.world_size) if peak else None,
-                                  peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if run.cuda else None,
-                                  batch_size=cfg.batch_size, arch=cfg.arch, model=cfg.model, img_size=img_size,
-                                  augment=cfg.augment, world_size=run.world_size)
-                    mfu = f"{100 * result['mfu']:.1f}%" if result['mfu'] else 'n/a'
-                    mem = f"{result['peak_mem_gb']:.2f} GB" if run.cuda else 'n/a'
-                    name = 'squeezenet' if cfg.arch == 'squeezenet' else cfg.model
-                    run.print(f"bench finetune {name} {img_size}px batch {cfg.batch_size} augment {cfg.augment} "
-                              f"mixup {cfg.mixup} cutmix {cfg.cutmix}: {ips:,.0f} images/s | step {result['step_ms']:.2f} ms | "
-                              f"MFU {mfu} | peak memory {mem}")
+                result = bench.after_step(step, losses)
+                if result:
                     return result
                 continue
 
-            stopping = stop.requested if not run.ddp else (step % max(1, cfg.log_every) == 0 and run.any(stop.requested))
+            stopping = common.stop_requested(run, stop, step, cfg.log_every)
             end_of_epoch = step % steps_per_epoch == 0
             if step % max(1, cfg.log_every) == 0 or step == total_steps or stopping or end_of_epoch:
-                loss_now = check_finite(f"epoch {step / steps_per_epoch:.2f}")
-                ips, mfu, eta = meter.tick(images_since, step)
                 lr_now = max(g['lr'] for g in optimizer.param_groups)  # the head's (layer decay scales the others down)
-                run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now, lr=lr_now,
-                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
-                        f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
-                        f"lr {lr_now:.2e} | {ips:,.0f} img/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "") +
-                        f" | eta {common.fmt_eta(eta)}")
-                loss_sum.zero_()
-                images_since = 0
+                common.log_train(run, losses, meter, step, steps_per_epoch, total_steps, lr_now)
             if stopping:
-                if run.master:
-                    save()
-                run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; "
-                          f"continue with --resume true --out_dir {cfg.out_dir}")
-                return common.PREEMPTED_EXIT_CODE
+                return common.preempt(run, cfg.out_dir, step, save)
             if end_of_epoch:
                 done = step // steps_per_epoch
                 last = step == total_steps

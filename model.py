@@ -34,6 +34,7 @@ class ViTConfig:
     norm_pix_loss: bool = False   # target = per-patch normalised pixels (MAE paper option); raw pixels are better here
     loss_on_all: bool = False     # pixel loss on every patch (SMAE) instead of masked patches only (MAE)
     masking: str = 'random'       # 'random' (official MAE) or 'block' (BEiT-style, the paper's ablation)
+    mask_ratio: float = 0.75      # default fraction of patches masked when forward() is given none
     num_classes: int = 0          # >0 adds a classification head (fine-tuning)
     global_pool: str = 'cls'      # classification feature: 'cls' token or 'mean' of patch tokens
     drop_path: float = 0.0        # stochastic depth rate at the last block (fine-tuning option)
@@ -52,6 +53,7 @@ class ViTConfig:
             check(dim % 4 == 0,
                   f"{prefix}embed_dim {dim} is not divisible by 4, which the 2-D sin-cos position embedding needs (sin|cos for each axis)")
         check(self.masking in ('random', 'block'), f"masking must be 'random' or 'block', got {self.masking!r}")
+        check(0.0 < self.mask_ratio < 1.0, f"mask ratio must be in (0, 1), got {self.mask_ratio}")
         check(self.global_pool in ('cls', 'mean'), f"global_pool must be 'cls' or 'mean', got {self.global_pool!r}")
 
     @property
@@ -414,7 +416,8 @@ class MaskedAutoencoderViT(VisionTransformer):
             return loss.mean()
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def forward(self, imgs, mask_ratio=None, noise=None):
+        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)    # (N, L, p*p*C)
         loss = self.forward_loss(imgs, pred, mask)

@@ -9,13 +9,11 @@ Every constant below can be overridden as --name value or --name=value. Defaults
 pre-training recipe (PAPER.md section 3). The training step is the same whatever the number of processes or
 accumulation steps: the global batch, its order and its masks depend only on (seed, step).
 """
-import contextlib
 import json
 import os
 import time
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
@@ -84,7 +82,8 @@ def build(cfg, run):
                                f"{run.world_size} x {cfg.accum_steps}: choose a multiple")
     try:
         mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
-                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, loss_on_all=cfg.alpha > 0)
+                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
+                             loss_on_all=cfg.alpha > 0)
     except ValueError as e:
         raise common.UserError(str(e)) from None
     return mcfg
@@ -213,31 +212,14 @@ def train(cfg, given, run):
                      'peak lr': f"{peak_lr:.3g}", 'start step': step})
 
     # compile the objective (model + loss, + critic for SMAE); keep `mae` raw for saving and pictures
-    step_model = objective
-    cudagraphs = False
-    if cfg.compile and run.cuda:
-        mode = cfg.compile_mode if not run.ddp else 'default'  # DDP's gradient hooks do not mix with CUDA graphs
-        cudagraphs = mode in ('reduce-overhead', 'max-autotune')
-        step_model = torch.compile(objective, mode=mode)
-    if run.ddp:
-        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
-
+    step_model, cudagraphs = common.compile_and_wrap(objective, cfg, run)
     flops = M.flops_per_image(mcfg, cfg.mask) + objective.extra_flops_per_image()
     meter = common.Throughput(run, flops, total_steps, start_step=step)
+    losses = common.LossMeter(run, cfg.out_dir)
+    bench = common.Benchmark(run, cfg, flops, f"pretrain {cfg.model} mask {cfg.mask} {cfg.masking} alpha {cfg.alpha}",
+                             model=cfg.model, mask=cfg.mask, masking=cfg.masking, alpha=cfg.alpha)
     stop = common.StopSignal()
     mask_gen = torch.Generator(device=device)
-    loss_sum, images_since = torch.zeros((), device=device), 0
-    micro_batch = cfg.batch_size // (run.world_size * cfg.accum_steps)
-    bench_t0 = None
-
-    def check_finite(where):
-        value = run.mean(loss_sum.item() / max(1, images_since // micro_batch))
-        if not torch.isfinite(torch.tensor(value)):
-            last = os.path.join(cfg.out_dir, 'ckpt.pt')
-            kept = f"the last good checkpoint {last} is untouched" if os.path.exists(last) else "no checkpoint was written"
-            raise common.NonFiniteLoss(f"loss became {value} at step {step} ({where}); {kept}: lower --lr, "
-                                       f"set --grad_clip 1.0, or use --dtype bfloat16")
-        return value
 
     def save(val_loss=None):
         common.save_atomic({'kind': 'pretrain', 'model': mae.state_dict(), 'model_config': M.config_to_dict(mcfg),
@@ -266,74 +248,33 @@ def train(cfg, given, run):
     t_start, loss_now, vl = time.time(), float('nan'), None
     while step < total_steps:
         epoch = step // steps_per_epoch
-        for _, micro_batches in loader.epoch(epoch % max(cfg.epochs, 1) if not cfg.bench_steps else epoch,
-                                             start_step=step % steps_per_epoch):
+        for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
             common.set_lr(optimizer, common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr))
             # the masks of the whole global batch are a function of (seed, step): each rank takes its rows
             mask_gen.manual_seed(data.seed_for(cfg.seed, 1, step))
             noise = mae.masking_noise(cfg.batch_size, cfg.mask, cfg.masking, generator=mask_gen, device=device)
             for micro, (x, _) in enumerate(micro_batches):
-                last_micro = micro == cfg.accum_steps - 1
-                no_sync = step_model.no_sync() if (run.ddp and not last_micro) else contextlib.nullcontext()
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with no_sync, run.autocast:
-                    loss = step_model(x, cfg.mask, noise[loader.rows(micro)])
+                with common.micro_batch(run, step_model, micro, cfg.accum_steps, cudagraphs):
+                    with run.autocast:
+                        loss = step_model(x, cfg.mask, noise[loader.rows(micro)])
                     run.scaler.scale(loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()
-                images_since += x.shape[0]
-            if cfg.grad_clip > 0:
-                run.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
-            run.scaler.step(optimizer)
-            run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+                losses.add(loss, x.shape[0])
+            common.optimizer_step(run, optimizer, objective.parameters(), cfg.grad_clip)
             step += 1
 
             if cfg.bench_steps:
-                if step == cfg.bench_warmup:
-                    check_finite('benchmark warm-up')
-                    if run.cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                    bench_t0 = time.perf_counter()
-                elif step == total_steps:
-                    check_finite('benchmark')
-                    if run.cuda:
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - bench_t0
-                    ips = cfg.bench_steps * cfg.batch_size / dt
-                    peak = common.peak_flops(run)
-                    result = dict(images_per_s=ips, step_ms=1000 * dt / cfg.bench_steps,
-                                  mfu=ips * flops / (peak * run.world_size) if peak else None,
-                                  peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if run.cuda else None,
-                                  batch_size=cfg.batch_size, model=cfg.model, mask=cfg.mask, world_size=run.world_size)
-                    mfu = f"{100 * result['mfu']:.1f}%" if result['mfu'] else 'n/a'
-                    mem = f"{result['peak_mem_gb']:.2f} GB" if run.cuda else 'n/a'
-                    run.print(f"bench pretrain {cfg.model} batch {cfg.batch_size} mask {cfg.mask} {cfg.masking} alpha {cfg.alpha}: "
-                              f"{ips:,.0f} images/s | step {result['step_ms']:.2f} ms | MFU {mfu} | peak memory {mem}")
+                result = bench.after_step(step, losses)
+                if result:
                     return result
                 continue
 
-            stopping = stop.requested if not run.ddp else (step % log_every_steps(cfg) == 0 and run.any(stop.requested))
+            stopping = common.stop_requested(run, stop, step, cfg.log_every)
             end_of_epoch = step % steps_per_epoch == 0
-            if step % log_every_steps(cfg) == 0 or step == total_steps or stopping or end_of_epoch:
-                loss_now = check_finite(f"epoch {step / steps_per_epoch:.2f}")
-                ips, mfu, eta = meter.tick(images_since, step)
-                lr_now = optimizer.param_groups[0]['lr']
-                run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now, lr=lr_now,
-                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
-                        f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
-                        f"lr {lr_now:.2e} | {ips:,.0f} img/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "") +
-                        f" | eta {common.fmt_eta(eta)}")
-                loss_sum.zero_()
-                images_since = 0
+            if step % max(1, cfg.log_every) == 0 or step == total_steps or stopping or end_of_epoch:
+                loss_now = common.log_train(run, losses, meter, step, steps_per_epoch, total_steps,
+                                            optimizer.param_groups[0]['lr'])
             if stopping:
-                if run.master:
-                    save()
-                run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; "
-                          f"continue with --resume true --out_dir {cfg.out_dir}")
-                return common.PREEMPTED_EXIT_CODE
+                return common.preempt(run, cfg.out_dir, step, save)
             if end_of_epoch:
                 done = step // steps_per_epoch
                 last = step == total_steps
@@ -354,10 +295,6 @@ def train(cfg, given, run):
         common.write_text_atomic(json.dumps(summary, indent=1), os.path.join(cfg.out_dir, 'results.json'))
     run.print(f"done: {cfg.out_dir}/ckpt.pt")
     return 0
-
-
-def log_every_steps(cfg):
-    return max(1, cfg.log_every)
 
 
 if __name__ == '__main__':

@@ -25,3 +25,22 @@ def tiny(tmp_path):
     def make(*extra, out='run'):
         return TINY + ['--out_dir', str(tmp_path / out), '--data_dir', str(tmp_path / 'data')] + [str(a) for a in extra]
     return make
+
+
+def script_argv(script, argv):
+    """An argv (pairs of --name value) without the names `script` does not have (e.g. pretrain's val_images)."""
+    import common
+    known = common.script_defaults(vars(script))
+    pairs = list(zip(argv[::2], argv[1::2]))
+    return [a for name, value in pairs if name[2:] in known for a in (name, value)]
+
+
+@pytest.fixture(scope='session')
+def pre(tmp_path_factory):
+    """A tiny pre-training checkpoint (vit_lite, 32 px, patch 8, one epoch on 64 demo images), made once for the
+    whole session. Tests that change it work on a copy."""
+    import pretrain
+    root = tmp_path_factory.mktemp('pre')
+    assert pretrain.main(TINY + ['--out_dir', str(root / 'pre'), '--data_dir', str(root / 'data'),
+                                 '--epochs', '1', '--subset', '64', '--val_images', '32']) == 0
+    return str(root / 'pre' / 'ckpt.pt')

@@ -7,7 +7,6 @@ import urllib.error
 from types import SimpleNamespace
 
 import lpips
-import numpy as np
 import pytest
 import torch
 import torchvision

@@ -12,23 +12,7 @@ import common
 import finetune
 import model as M
 import pretrain
-from conftest import TINY
-
-
-def script_argv(script, argv):
-    """The TINY argv (pairs of --name value) without the names `script` does not have (e.g. pretrain's val_images)."""
-    known = common.script_defaults(vars(script))
-    pairs = list(zip(argv[::2], argv[1::2]))
-    return [a for name, value in pairs if name[2:] in known for a in (name, value)]
-
-
-@pytest.fixture(scope='module')
-def pre(tmp_path_factory):
-    """A tiny pre-training checkpoint (vit_lite, 32 px, patch 8), made once for this module."""
-    root = tmp_path_factory.mktemp('pre')
-    assert pretrain.main(TINY + ['--out_dir', str(root / 'pre'), '--data_dir', str(root / 'data'),
-                                 '--epochs', '1', '--subset', '64', '--val_images', '32']) == 0
-    return str(root / 'pre' / 'ckpt.pt')
+from conftest import script_argv
 
 
 @pytest.fixture

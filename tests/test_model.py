@@ -224,6 +224,8 @@ def test_unmasked_encoder_features_and_classifier():
     (dict(embed_dim=18, num_heads=6), "embed_dim 18 is not divisible by 4"),
     (dict(decoder_embed_dim=130, decoder_num_heads=5), 'decoder_embed_dim 130 is not divisible by 4'),
     (dict(masking='grid'), "masking must be 'random' or 'block'"),
+    (dict(mask_ratio=1.0), r"mask ratio must be in \(0, 1\), got 1.0"),
+    (dict(mask_ratio=0.0), r"mask ratio must be in \(0, 1\), got 0.0"),
 ])
 def test_bad_configs_fail_at_construction(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -10,25 +10,8 @@ import torch
 import common
 import data
 import model as M
-import pretrain
 import probe
-from conftest import TINY
-
-
-def script_argv(script, argv):
-    """The TINY argv (pairs of --name value) without the names `script` does not have (patch_size, val_images)."""
-    known = common.script_defaults(vars(script))
-    pairs = list(zip(argv[::2], argv[1::2]))
-    return [a for name, value in pairs if name[2:] in known for a in (name, value)]
-
-
-@pytest.fixture(scope='module')
-def pre(tmp_path_factory):
-    """A tiny pre-training checkpoint (vit_lite, 32 px, patch 8), made once for this module."""
-    root = tmp_path_factory.mktemp('pre')
-    assert pretrain.main(TINY + ['--out_dir', str(root / 'pre'), '--data_dir', str(root / 'data'),
-                                 '--epochs', '1', '--subset', '64', '--val_images', '32']) == 0
-    return str(root / 'pre' / 'ckpt.pt')
+from conftest import script_argv
 
 
 @pytest.fixture
