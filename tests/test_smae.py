@@ -166,3 +166,14 @@ def test_critic_of_wrong_architecture_or_shape(tiny, tmp_path):
         pretrain.main(tiny('--alpha', 0.5, '--critic', str(tmp_path / 'nope.pt')))
     with pytest.raises(common.UserError, match=r'--alpha must be in \[0, 1\]'):
         pretrain.main(tiny('--alpha', 1.5, '--critic', vit))
+
+
+def test_alexnet_critic_without_its_weights_says_so(tiny, monkeypatch):
+    import urllib.error
+    import torchvision
+
+    def offline(*a, **k):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torchvision.models, 'alexnet', offline)
+    with pytest.raises(common.UserError, match=r'ImageNet AlexNet weights could not be fetched.*alexnet-owt-7be5be79.pth'):
+        pretrain.main(tiny('--alpha', 0.5, '--critic', 'alexnet'))
