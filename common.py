@@ -136,7 +136,7 @@ class Run:
                 torch.cuda.set_device(self.device)
             else:
                 self.device = torch.device('cpu')
-            dist.init_process_group(backend='nccl' if self.device.type == 'cuda' else 'gloo', device_id=None)
+            dist.init_process_group(backend='nccl' if self.device.type == 'cuda' else 'gloo')
         else:
             self.rank, self.local_rank, self.world_size = 0, 0, 1
             self.device = torch.device(want)
@@ -158,6 +158,7 @@ class Run:
         self.out_dir = cfg.out_dir
         self.lock_path = os.path.join(self.out_dir, '.lock')
         self._locked = False
+        self._on_close = []
         if self.master:
             try:
                 os.makedirs(self.out_dir, exist_ok=True)
@@ -193,7 +194,14 @@ class Run:
             return
         raise UserError(f"could not lock out_dir {self.out_dir}: remove {self.lock_path} if no run uses it")
 
+    def on_close(self, fn):
+        """Call fn when the run closes (e.g. restore the signal handlers a training loop installed)."""
+        self._on_close.append(fn)
+
     def close(self):
+        for fn in reversed(self._on_close):
+            fn()
+        self._on_close = []
         if self._locked:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.lock_path)
@@ -469,6 +477,8 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
 
     def restore(self):
         for sig, old in self._old.items():

@@ -267,7 +267,8 @@ def train(cfg, given, run):
     name = 'squeezenet' if cfg.arch == 'squeezenet' else cfg.model
     bench = common.Benchmark(run, cfg, flops, f"finetune {name} {img_size}px augment {cfg.augment} mixup {cfg.mixup} "
                              f"cutmix {cfg.cutmix}", arch=cfg.arch, model=cfg.model, img_size=img_size, augment=cfg.augment)
-    stop = common.StopSignal()
+    stop = common.StopSignal()  # restored when the run closes (run.close)
+    run.on_close(stop.restore)
 
     def criterion(logits, y, soft):
         logits = logits.float()

@@ -218,7 +218,8 @@ def train(cfg, given, run):
     losses = common.LossMeter(run, cfg.out_dir)
     bench = common.Benchmark(run, cfg, flops, f"pretrain {cfg.model} mask {cfg.mask} {cfg.masking} alpha {cfg.alpha}",
                              model=cfg.model, mask=cfg.mask, masking=cfg.masking, alpha=cfg.alpha)
-    stop = common.StopSignal()
+    stop = common.StopSignal()  # restored when the run closes (run.close)
+    run.on_close(stop.restore)
     mask_gen = torch.Generator(device=device)
 
     def save(val_loss=None):
