@@ -238,7 +238,7 @@ def train(cfg, given, run):
             x = val_x[i:i + 256]
             noise = mae.masking_noise(x.shape[0], cfg.mask, cfg.masking, generator=g, device=device)
             with run.autocast:
-                pred_loss, pred, m = mae(x, cfg.mask, noise=noise)
+                _, pred, m = mae(x, cfg.mask, noise=noise)
             per_patch = ((pred.float() - mae.pixel_target(x).float()) ** 2).mean(-1)
             total += ((per_patch * m).sum() / m.sum()).item() * x.shape[0]  # masked-patch MSE, whatever the loss mode
             n += x.shape[0]
