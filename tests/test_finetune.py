@@ -150,8 +150,10 @@ def test_sigterm_saves_and_exits_preempted(ft, tmp_path, monkeypatch):
 
 def test_errors_name_the_file(ft, pre, tmp_path):
     def fails(match, *extra):
+        out = f'err{len(os.listdir(tmp_path))}'
         with pytest.raises(common.UserError, match=match):
-            finetune.main(ft('--epochs', 1, *extra, out=f'err{len(os.listdir(tmp_path))}'))
+            finetune.main(ft('--epochs', 1, *extra, out=out))
+        assert not os.path.exists(tmp_path / out / 'ckpt.pt') and not os.path.exists(tmp_path / out / '.lock')
 
     missing = str(tmp_path / 'nope.pt')
     fails(f'checkpoint {missing} does not exist', '--ckpt', missing)
@@ -171,6 +173,7 @@ def test_errors_name_the_file(ft, pre, tmp_path):
         finetune.main(ft('--epochs', 1, out='busy'))
     with pytest.raises(common.UserError, match='holds a pretrain.py run, not a finetune.py run'):
         finetune.main(ft('--epochs', 1, '--resume', 'true', out='busy'))
+    assert (tmp_path / 'busy' / 'ckpt.pt').read_bytes() == open(pre, 'rb').read(), "the other run's checkpoint changed"
 
 
 def test_defaults_are_the_papers_recipe():

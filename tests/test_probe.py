@@ -105,12 +105,15 @@ def test_out_dir_of_another_run_is_refused(pr, pre, tmp_path):
     with pytest.raises(common.UserError, match='holds a pretrain.py run, not a probe.py run'):
         probe.main(pr('--epochs', 1, '--resume', 'true', out='busy'))
     assert not (tmp_path / 'busy' / 'results.json').exists()
+    assert (tmp_path / 'busy' / 'ckpt.pt').read_bytes() == open(pre, 'rb').read(), "the other run's checkpoint changed"
 
 
 def test_errors_name_the_file(pr, pre, tmp_path, tiny):
     def fails(match, argv):
         with pytest.raises(common.UserError, match=match):
             probe.main(argv)
+        out = argv[argv.index('--out_dir') + 1]
+        assert not os.path.exists(os.path.join(out, 'ckpt.pt')) and not os.path.exists(os.path.join(out, 'results.json'))
     n = iter(range(1, 100))
     fails('probe.py needs --ckpt', script_argv(probe, tiny('--epochs', 1, out='e0')))
     missing = str(tmp_path / 'nope.pt')

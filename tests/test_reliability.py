@@ -118,8 +118,15 @@ def one_line_error(code, err, *needles):
     (('--alpha', 0.5), ['needs a perceptual critic', 'finetune.py --arch squeezenet']),
     (('--resume', 'true'), ['no checkpoint at', 'run without --resume']),
 ])
-def test_bad_config_rows(extra, needles, tiny, capsys, monkeypatch):
+def test_bad_config_rows(extra, needles, tiny, tmp_path, capsys, monkeypatch):
     one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, *extra), capsys, monkeypatch), *needles)
+    nothing_written(tmp_path / 'run')
+
+
+def nothing_written(out):
+    """A refused run leaves no checkpoint, results, log or lock behind."""
+    left = set(os.listdir(out)) if os.path.isdir(out) else set()
+    assert not left & {'ckpt.pt', 'results.json', 'log.jsonl', '.lock'}, f"a refused run left {left}"
 
 
 def test_missing_dataset_row(tmp_path, capsys, monkeypatch):
@@ -172,8 +179,11 @@ def test_truncated_and_foreign_checkpoint_on_resume_row(tiny, tmp_path, capsys, 
     os.makedirs(out)
     (out / 'ckpt.pt').write_bytes(b'PK\x03\x04 truncated')
     one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true'), capsys, monkeypatch), str(out / 'ckpt.pt'), 'not a readable checkpoint')
+    assert (out / 'ckpt.pt').read_bytes() == b'PK\x03\x04 truncated', "the user's file was changed"
     torch.save({'state_dict': {}}, out / 'ckpt.pt')
+    foreign = (out / 'ckpt.pt').read_bytes()
     one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true'), capsys, monkeypatch), 'not a checkpoint of this toolkit')
+    assert (out / 'ckpt.pt').read_bytes() == foreign and sorted(os.listdir(out)) == ['ckpt.pt']
 
 
 def test_non_finite_loss_row_keeps_last_good_checkpoint(tiny, tmp_path, capsys, monkeypatch):
