@@ -1,5 +1,7 @@
 """Shared test settings: tiny runs on the embedded demo data so every script runs end to end on a CPU."""
+import contextlib
 import os
+import shutil
 import sys
 
 # One thread per process: the tests run small ops, where a second OpenMP thread mostly spins, and on a busy
@@ -44,3 +46,21 @@ def pre(tmp_path_factory):
     assert pretrain.main(TINY + ['--out_dir', str(root / 'pre'), '--data_dir', str(root / 'data'),
                                  '--epochs', '1', '--subset', '64', '--val_images', '32']) == 0
     return str(root / 'pre' / 'ckpt.pt')
+
+
+@contextlib.contextmanager
+def keep_first_checkpoint(dest):
+    """While active, the first ckpt.pt a run writes is also copied to `dest`: a mid-run checkpoint to resume from,
+    for comparing a resumed run with the uninterrupted one."""
+    import common
+    real_save = common.save_atomic
+
+    def save_and_keep(obj, path):
+        real_save(obj, path)
+        if str(path).endswith('ckpt.pt') and not os.path.exists(dest):
+            shutil.copy(path, dest)
+    common.save_atomic = save_and_keep
+    try:
+        yield dest
+    finally:
+        common.save_atomic = real_save

@@ -12,7 +12,7 @@ import common
 import finetune
 import model as M
 import pretrain
-from conftest import script_argv
+from conftest import keep_first_checkpoint, script_argv
 
 
 @pytest.fixture
@@ -107,25 +107,16 @@ def test_layer_decay_scales():
 
 # --- resume and signals ------------------------------------------------------------------------------
 
-def test_resume_is_bit_identical(ft, pre, tmp_path, monkeypatch):
-    saved = []
-    real_save = common.save_atomic
-
-    def save_and_keep(obj, path):  # keep a copy of the first checkpoint (end of epoch 1)
-        real_save(obj, path)
-        if not saved:
-            saved.append(str(tmp_path / 'epoch1.pt'))
-            shutil.copy(path, saved[0])
+def test_resume_is_bit_identical(ft, pre, tmp_path):
     # augmentation, mixup/cutmix and drop path on: every random stream must continue exactly
     extra = ('--ckpt', pre, '--ckpt_every', 1, '--eval_every', 10, '--drop_path', 0.1, '--mixup', 0.8,
              '--cutmix', 1.0, '--label_smoothing', 0.1, '--layer_decay', 0.75)
-    monkeypatch.setattr(common, 'save_atomic', save_and_keep)
-    assert finetune.main(ft('--epochs', 3, *extra)) == 0
-    monkeypatch.setattr(common, 'save_atomic', real_save)
+    with keep_first_checkpoint(tmp_path / 'epoch1.pt') as epoch1:
+        assert finetune.main(ft('--epochs', 3, *extra)) == 0
     full = [(r['step'], r['loss']) for r in records(tmp_path / 'run', 'train')]
 
     os.makedirs(tmp_path / 'resumed')
-    shutil.copy(saved[0], tmp_path / 'resumed' / 'ckpt.pt')
+    shutil.copy(epoch1, tmp_path / 'resumed' / 'ckpt.pt')
     assert finetune.main(ft('--resume', 'true', out='resumed')) == 0
     resumed = [(r['step'], r['loss']) for r in records(tmp_path / 'resumed', 'train')]
     assert resumed[0][0] == 3 and resumed == full[2:]

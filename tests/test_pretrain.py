@@ -11,7 +11,7 @@ import torch
 import common
 import model as M
 import pretrain
-from conftest import ROOT
+from conftest import ROOT, keep_first_checkpoint
 
 
 def records(out, event):
@@ -98,22 +98,13 @@ def test_lr_schedule():
 
 # --- resume and torchrun -------------------------------------------------------------------------------
 
-def test_resume_continues_the_same_loss_sequence(tiny, tmp_path, monkeypatch):
-    saved = []
-    real_save = common.save_atomic
-
-    def save_and_keep(obj, path):  # keep a copy of the first checkpoint (end of epoch 1)
-        real_save(obj, path)
-        if not saved:
-            saved.append(str(tmp_path / 'epoch1.pt'))
-            shutil.copy(path, saved[0])
-    monkeypatch.setattr(common, 'save_atomic', save_and_keep)
-    assert pretrain.main(tiny('--epochs', 3, '--ckpt_every', 1)) == 0
-    monkeypatch.setattr(common, 'save_atomic', real_save)
+def test_resume_continues_the_same_loss_sequence(tiny, tmp_path):
+    with keep_first_checkpoint(tmp_path / 'epoch1.pt') as epoch1:
+        assert pretrain.main(tiny('--epochs', 3, '--ckpt_every', 1)) == 0
     full = [(r['step'], r['loss']) for r in records(tmp_path / 'run', 'train')]
 
     os.makedirs(tmp_path / 'resumed')
-    shutil.copy(saved[0], tmp_path / 'resumed' / 'ckpt.pt')
+    shutil.copy(epoch1, tmp_path / 'resumed' / 'ckpt.pt')
     assert pretrain.main(tiny('--resume', 'true', out='resumed')) == 0
     resumed = [(r['step'], r['loss']) for r in records(tmp_path / 'resumed', 'train')]
     assert resumed[0][0] == 9 and resumed == full[8:]

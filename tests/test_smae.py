@@ -10,6 +10,7 @@ import common
 import data
 import model as M
 import pretrain
+from conftest import keep_first_checkpoint
 
 
 def critic_checkpoint(path, num_classes=5, arch='squeezenet', net=None):
@@ -116,29 +117,20 @@ def test_terms_equal_right_after_calibration(tmp_path):
 
 def test_smae_run_calibrates_once_and_resume_keeps_c(tiny, tmp_path, monkeypatch):
     critic = critic_checkpoint(tmp_path / 'critic.pt')
-    saved = []
-    real_save = common.save_atomic
-
-    def save_and_keep(obj, path):
-        real_save(obj, path)
-        if not saved and path.endswith('ckpt.pt'):
-            saved.append(str(tmp_path / 'epoch1.pt'))
-            shutil.copy(path, saved[0])
-    monkeypatch.setattr(common, 'save_atomic', save_and_keep)
     args = ('--epochs', 2, '--ckpt_every', 1, '--alpha', 0.5, '--critic', critic, '--masking', 'block', '--mask', 0.5)
-    assert pretrain.main(tiny(*args)) == 0
-    monkeypatch.setattr(common, 'save_atomic', real_save)
+    with keep_first_checkpoint(tmp_path / 'epoch1.pt') as epoch1:
+        assert pretrain.main(tiny(*args)) == 0
     log = [json.loads(l) for l in open(tmp_path / 'run' / 'log.jsonl')]
     calib = [r for r in log if r['event'] == 'calibration']
     assert len(calib) == 1 and calib[0]['c'] > 0
-    c1 = torch.load(saved[0], weights_only=True)['objective']['c']
+    c1 = torch.load(epoch1, weights_only=True)['objective']['c']
     assert c1 == pytest.approx(calib[0]['c'])
 
     def no_recalibration(*a, **k):
         raise AssertionError("resume recalibrated c")
     monkeypatch.setattr(pretrain, 'calibrate', no_recalibration)
     os.makedirs(tmp_path / 'resumed')
-    shutil.copy(saved[0], tmp_path / 'resumed' / 'ckpt.pt')
+    shutil.copy(epoch1, tmp_path / 'resumed' / 'ckpt.pt')
     assert pretrain.main(tiny('--resume', 'true', out='resumed')) == 0
     final = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)
     assert final['objective']['c'] == c1
