@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import common  # save_atomic; common imports data only inside functions, so no import cycle
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ('tin', 'cub', 'demo', 'synthetic')
@@ -199,18 +201,6 @@ def _signature(root, files, extra):
     return h.hexdigest()
 
 
-def _atomic_save(obj, path):
-    """torch.save into a temp file in the same directory, then os.replace: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _load_disk_split(name, split, data_dir, bbox):
     root = os.path.join(data_dir, ARCHIVES[name]['root'])
     if not os.path.isdir(root):
@@ -235,7 +225,7 @@ def _load_disk_split(name, split, data_dir, bbox):
     print(f'decoding {len(files)} {name}/{split} images into {cache} (once) ...')
     out = Split(_decode_all(root, files, boxes), torch.tensor(labels, dtype=torch.int64), list(classes))
     try:
-        _atomic_save(dict(version=CACHE_VERSION, signature=signature, images=out.images, labels=out.labels,
+        common.save_atomic(dict(version=CACHE_VERSION, signature=signature, images=out.images, labels=out.labels,
                           classes=out.classes), cache)
     except OSError as e:  # e.g. a read-only dataset folder: work without the cache
         print(f'warning: could not write {cache}: {e}', file=sys.stderr)
