@@ -413,6 +413,14 @@ def set_lr(optimizer, lr):
         g['lr'] = lr * g.get('lr_scale', 1.0)
 
 
+def topk_correct(logits, labels, ks=(1, 5)):
+    """Counts (device tensors, no host sync) of samples whose label is among the top-k logits, one per k; k is capped
+    at the number of classes."""
+    maxk = min(max(ks), logits.shape[1])
+    hit = logits.topk(maxk, dim=1).indices == labels[:, None]   # (N, maxk)
+    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
 # -----------------------------------------------------------------------------
 # throughput accounting
 

@@ -163,13 +163,6 @@ def optimizer_groups(net, cfg):
                                lr_scale_of=lambda n: cfg.layer_decay ** (depth + 1 - layer_id(n, depth)))
 
 
-def topk_correct(logits, labels, ks=(1, 5)):
-    """Counts of samples whose label is among the top-k logits, one tensor per k (k is capped at the class count)."""
-    maxk = min(max(ks), logits.shape[1])
-    hit = logits.topk(maxk, dim=1).indices == labels[:, None]   # (N, maxk)
-    return [hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]
-
-
 @torch.no_grad()
 def evaluate(net, split, img_size, run):
     """top-1 / top-5 (%) and mean cross-entropy over the whole val split, in eval() mode. Under DDP each rank takes
@@ -182,7 +175,7 @@ def evaluate(net, split, img_size, run):
         with run.autocast:
             logits = net(x)
         logits = logits.float()
-        c1, c5 = topk_correct(logits, y)
+        c1, c5 = common.topk_correct(logits, y)
         stats += torch.stack([c1.double(), c5.double(), F.cross_entropy(logits, y, reduction='sum').double(),
                               torch.tensor(float(len(y)), dtype=torch.float64, device=run.device)])
     net.train(was_training)

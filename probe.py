@@ -82,9 +82,7 @@ def extract_features(encoder, images_uint8, labels, device, batch_size=512, img_
 
 def accuracy(logits, labels, topk=(1, 5)):
     """Top-k accuracies in percent, one float per k (k is capped at the number of classes)."""
-    maxk = min(max(topk), logits.shape[1])
-    hit = logits.topk(maxk, dim=1).indices == labels[:, None]   # (N, maxk)
-    return [100.0 * hit[:, :min(k, maxk)].any(dim=1).float().mean().item() for k in topk]
+    return [100.0 * c.item() / len(labels) for c in common.topk_correct(logits, labels, topk)]
 
 
 def make_head(dim, num_classes, seed=0):
