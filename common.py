@@ -296,14 +296,15 @@ def load_checkpoint(path, kinds=None):
     return ck
 
 
-def load_encoder(path, num_classes=0, expect_model=None, **overrides):
+def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **overrides):
     """A ViT classifier (or bare encoder when num_classes=0) built from a pretrain.py checkpoint: the architecture
     comes from the checkpoint, the encoder weights are loaded, the head is fresh. overrides: ViTConfig fields
     such as drop_path, global_pool or img_size (positions are regenerated for another size).
-    expect_model: the preset the user asked for; a checkpoint of another architecture is refused."""
+    expect_model: the preset the user asked for; a checkpoint of another architecture is refused.
+    loaded: the checkpoint at `path` if the caller already loaded it (with load_checkpoint), so it is read once."""
     from dataclasses import replace
     import model as M
-    ck = load_checkpoint(path, kinds=('pretrain',))
+    ck = loaded if loaded is not None else load_checkpoint(path, kinds=('pretrain',))
     name = ck['config'].get('model')
     if expect_model and name != expect_model:
         raise UserError(f"{path} holds a {name} encoder but --model is {expect_model}: pass --model {name} (or drop --model)")

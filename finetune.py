@@ -112,10 +112,10 @@ def check_config(cfg, run):
                                f"{run.world_size} x {cfg.accum_steps}: choose a multiple")
 
 
-def build(cfg, given, num_classes, ck):
+def build(cfg, given, num_classes, ck, pre=None):
     """The classifier and its description for the checkpoint. From the fine-tuning checkpoint `ck` when resuming,
     else from the pre-training checkpoint (--ckpt), a preset (random init) or torchvision's SqueezeNet 1.1.
-    Returns (net, model_config dict, init description)."""
+    `pre` is the already-loaded pre-training checkpoint (--ckpt). Returns (net, model_config dict, init description)."""
     if cfg.arch == 'squeezenet':
         net = M.build_squeezenet(num_classes)
         mconf = {'num_classes': num_classes, 'img_size': cfg.img_size or 64}
@@ -130,7 +130,7 @@ def build(cfg, given, num_classes, ck):
         return net, M.config_to_dict(mcfg), f"resumed from {cfg.out_dir}/ckpt.pt"
     if cfg.ckpt:
         net, pre = common.load_encoder(cfg.ckpt, num_classes, expect_model=cfg.model if 'model' in given else None,
-                                       img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
+                                       loaded=pre, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
                                        drop_path=cfg.drop_path, global_pool=cfg.global_pool)
         cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually used
         return net, M.config_to_dict(net.cfg), f"encoder of {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)"
@@ -197,8 +197,8 @@ def train(cfg, given, run):
     if cfg.bench_steps == 0:
         ck, cfg = common.check_out_dir(run, cfg, given, 'finetune', ARCH_KEYS)
     check_config(cfg, run)
-    if cfg.ckpt and ck is None:
-        common.load_checkpoint(cfg.ckpt, kinds=('pretrain',))  # a wrong --ckpt fails now, before any data is decoded
+    # a wrong --ckpt fails now, before any data is decoded; the loaded checkpoint is reused by build()
+    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain',)) if (cfg.ckpt and ck is None) else None
     device = run.device
 
     # data: the whole split as uint8 on the device; batches are gathered, resized, augmented and normalised there
@@ -210,7 +210,7 @@ def train(cfg, given, run):
                                f"{num_classes} classes: choose another --out_dir")
 
     torch.manual_seed(cfg.seed)  # same initial weights (the fresh head) on every rank
-    net, model_config, init = build(cfg, given, num_classes, ck)
+    net, model_config, init = build(cfg, given, num_classes, ck, pre)
     net = net.to(device)
     img_size = (cfg.img_size or 64) if cfg.arch == 'squeezenet' else net.cfg.img_size
     torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank))  # drop path: its own stream on each rank
