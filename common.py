@@ -513,9 +513,7 @@ def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path):
     noise = mae.masking_noise(imgs.shape[0], mask_ratio, masking, generator=g, device=imgs.device)
     _, pred, mask = mae(imgs.float(), mask_ratio, noise=noise)
     recon, pasted = mae.reconstruct(imgs.float(), pred, mask)
-    p = mae.cfg.patch_size
-    pix_mask = mask.view(-1, 1, mae.cfg.grid_size, mae.cfg.grid_size)
-    pix_mask = pix_mask.repeat_interleave(p, 2).repeat_interleave(p, 3)   # (N, 1, H, W), 1 = masked
+    pix_mask = mae.pixel_mask(mask)                                        # (N, 1, H, W), 1 = masked
     orig = denormalize(imgs.float()).clamp(0, 1)
     masked_in = orig * (1 - pix_mask) + 0.5 * pix_mask                     # masked patches shown grey
     cols = [masked_in, denormalize(recon).clamp(0, 1), denormalize(pasted).clamp(0, 1), orig]

@@ -201,8 +201,7 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
             per_patch = ((mae.patchify(recon) - mae.patchify(x.float())) ** 2).mean(-1)  # (N, L)
             mse_sum += (per_patch * mask).sum()
             mse_count += mask.sum()
-            visible = 1 - mask.view(-1, 1, mc.grid_size, mc.grid_size)
-            visible = visible.repeat_interleave(mc.patch_size, 2).repeat_interleave(mc.patch_size, 3)  # (N, 1, H, W)
+            visible = 1 - mae.pixel_mask(mask)                                # (N, 1, H, W), 1 = visible
             target = data.denormalize(x).clamp(0, 1)
             images = {'model': data.denormalize(pasted).clamp(0, 1),
                       'mean_colour_floor': mean_colour_fill(target, visible),

@@ -423,6 +423,11 @@ class MaskedAutoencoderViT(VisionTransformer):
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
+    def pixel_mask(self, mask):
+        """Patch mask (N, L), 1 = masked -> pixel mask (N, 1, H, W)."""
+        g, p = self.cfg.grid_size, self.cfg.patch_size
+        return mask.view(-1, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)
+
     def reconstruct(self, imgs, pred, mask, paste=True):
         """Images from predictions, in the input's (normalised) space: (reconstruction, reconstruction with the
         visible patches pasted from the input, or None if paste=False). Undoes the per-patch normalisation when

@@ -246,3 +246,11 @@ def test_gradients_flow_to_encoder_and_decoder(mae):
     assert mae.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert mae.decoder_blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
     assert mae.mask_token.grad.abs().sum() > 0
+
+
+def test_pixel_mask_covers_exactly_the_masked_patches(mae):
+    mask = (torch.rand(2, 16) > 0.5).float()
+    pix = mae.pixel_mask(mask)
+    assert pix.shape == (2, 1, 32, 32)
+    patches = mae.patchify(pix.expand(-1, 3, -1, -1))   # (2, 16, 192): every pixel of a patch equals its mask bit
+    assert torch.equal(patches, mask[:, :, None].expand(-1, -1, 192))
