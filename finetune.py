@@ -13,6 +13,7 @@ top-5 on the official val split: TIN val, CUB test). The data order depends only
 augmentation and mixup draws on (seed, epoch, step, rank, micro-step).
 """
 import json
+from dataclasses import asdict
 import os
 import time
 
@@ -127,20 +128,20 @@ def build(cfg, given, num_classes, ck, pre=None):
         mcfg = replace(M.ViTConfig(**ck['model_config']), drop_path=cfg.drop_path)
         net = M.VisionTransformer(mcfg)
         M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
-        return net, M.config_to_dict(mcfg), f"resumed from {cfg.out_dir}/ckpt.pt"
+        return net, asdict(mcfg), f"resumed from {cfg.out_dir}/ckpt.pt"
     if cfg.ckpt:
         net, pre = common.load_encoder(cfg.ckpt, num_classes, expect_model=cfg.model if 'model' in given else None,
                                        loaded=pre, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
                                        drop_path=cfg.drop_path, global_pool=cfg.global_pool)
         cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually used
-        return net, M.config_to_dict(net.cfg), f"encoder of {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)"
+        return net, asdict(net.cfg), f"encoder of {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)"
     try:
         mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
                              drop_path=cfg.drop_path, global_pool=cfg.global_pool)
     except ValueError as e:
         raise common.UserError(str(e)) from None
     net = M.build_classifier(mcfg, num_classes)
-    return net, M.config_to_dict(net.cfg), 'random (supervised from scratch)'
+    return net, asdict(net.cfg), 'random (supervised from scratch)'
 
 
 def layer_id(name, depth):

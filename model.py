@@ -1,21 +1,27 @@
 """
-The ViT encoder and the MAE decoder, written from scratch in plain PyTorch.
+The masked autoencoder: a ViT encoder and the MAE decoder, written from scratch in plain PyTorch.
 
 Follows the official MAE code (facebookresearch/mae, models_mae.py) in everything a user can observe:
-`loss, pred, mask = model(imgs, mask_ratio)`, argsort-of-noise masking, fixed 2-D sin-cos position
-embeddings with a cls slot, the official weight init and the official parameter names, so a released MAE
-checkpoint loads with `load_state_dict`. Adds block masking (the paper's ablation), a classification path
-for fine-tuning and probing, and presets for the paper's ViT-Lite-7/4.
+`loss, pred, mask = model(imgs, mask_ratio)`, argsort-of-noise masking, fixed 2-D sin-cos position embeddings
+with a cls slot, the official weight init and parameter names, so a released MAE checkpoint loads with
+`load_weights`. Adds block masking (the study's ablation), a classifier for fine-tuning and probing, presets
+for the study's ViT-Lite-7/4, and the SMAE objective (MAE plus a perceptual term from a frozen critic).
+
+Order: config and presets, position embeddings, blocks, the encoder, the MAE; then masking, loading, FLOPs, SMAE.
 """
 import math
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 # -----------------------------------------------------------------------------
-# configuration
+# configuration and presets
+
+MASKINGS = ('random', 'block')  # random: official MAE; block: BEiT-style rectangles
+POOLS = ('cls', 'mean')         # the classification feature: the cls token, or the mean of the patch tokens
 
 
 @dataclass
@@ -32,18 +38,19 @@ class ViTConfig:
     decoder_num_heads: int = 4    # decoder attention heads
     decoder_mlp_ratio: float = 2.0  # decoder MLP hidden width / decoder_embed_dim
     norm_pix_loss: bool = False   # target = per-patch normalised pixels (MAE paper option); raw pixels are better here
-    loss_on_all: bool = False     # pixel loss on every patch (SMAE) instead of masked patches only (MAE)
-    masking: str = 'random'       # 'random' (official MAE) or 'block' (BEiT-style, the paper's ablation)
-    mask_ratio: float = 0.75      # default fraction of patches masked when forward() is given none
+    loss_on_all: bool = False     # pixel loss on every patch (SMAE) instead of the masked patches only (MAE)
+    masking: str = 'random'       # one of MASKINGS
+    mask_ratio: float = 0.75      # fraction of patches masked when forward() is given no ratio
     num_classes: int = 0          # >0 adds a classification head (fine-tuning)
-    global_pool: str = 'cls'      # classification feature: 'cls' token or 'mean' of patch tokens
+    global_pool: str = 'cls'      # one of POOLS
     drop_path: float = 0.0        # stochastic depth rate at the last block (fine-tuning option)
 
     def __post_init__(self):
-        # fail at construction, with the fix, rather than with a shape error deep inside a forward pass
+        # every check of a model setting lives here, so the scripts fail at once with the fix, not with a shape error
         def check(ok, msg):
             if not ok:
                 raise ValueError(msg)
+        check(self.img_size >= 1 and self.patch_size >= 1, f"img_size and patch_size must be >= 1, got {self.img_size} and {self.patch_size}")
         check(self.img_size % self.patch_size == 0,
               f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: pick sizes such that img_size % patch_size == 0")
         for prefix, dim, heads in (('', self.embed_dim, self.num_heads),
@@ -52,9 +59,10 @@ class ViTConfig:
                   f"{prefix}embed_dim {dim} is not divisible by {prefix}num_heads {heads}: choose a width that is a multiple of the head count")
             check(dim % 4 == 0,
                   f"{prefix}embed_dim {dim} is not divisible by 4, which the 2-D sin-cos position embedding needs (sin|cos for each axis)")
-        check(self.masking in ('random', 'block'), f"masking must be 'random' or 'block', got {self.masking!r}")
-        check(0.0 < self.mask_ratio < 1.0, f"mask ratio must be in (0, 1), got {self.mask_ratio}")
-        check(self.global_pool in ('cls', 'mean'), f"global_pool must be 'cls' or 'mean', got {self.global_pool!r}")
+        check(self.masking in MASKINGS, f"masking must be 'random' or 'block', got {self.masking!r}")
+        check_mask_ratio(self.mask_ratio, self.num_patches, self.grid_size)
+        check(self.global_pool in POOLS, f"global_pool must be 'cls' or 'mean', got {self.global_pool!r}")
+        check(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
 
     @property
     def grid_size(self):
@@ -65,9 +73,18 @@ class ViTConfig:
         return self.grid_size ** 2
 
 
+def check_mask_ratio(mask_ratio, num_patches, grid_size):
+    """A mask ratio must hide some patches and leave the encoder at least one visible patch."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}: it is the fraction of patches hidden")
+    if int(num_patches * (1 - mask_ratio)) < 1:
+        raise ValueError(f"mask ratio {mask_ratio} leaves no visible patch on a {grid_size}x{grid_size} patch grid: "
+                         f"lower the mask ratio, or use smaller patches or larger images")
+
+
 # Architectures by name. img_size/patch_size are the defaults for that preset and can be overridden.
 PRESETS = {
-    # the paper's ViT-Lite-7/4 (Hassani et al.) with its 2x128 decoder: ~3.7M encoder parameters
+    # the study's ViT-Lite-7/4 (Hassani et al.) with its 2x128 decoder: ~3.7M encoder parameters
     'vit_lite': dict(patch_size=4, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
                      decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, decoder_mlp_ratio=2.0),
     # DeiT-Tiny / DeiT-Small encoders at 64x64 with patch 8, and a light decoder (shallow is better at this scale)
@@ -88,24 +105,21 @@ def make_config(name, **overrides):
     """A ViTConfig from a preset name plus field overrides (None values are ignored)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
-    fields = ViTConfig.__dataclass_fields__
-    unknown = [k for k in overrides if k not in fields]
+    unknown = [k for k in overrides if k not in ViTConfig.__dataclass_fields__]
     if unknown:
-        raise ValueError(f"unknown model config field(s) {unknown}: valid fields are {', '.join(fields)}")
-    kw = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return ViTConfig(**kw)
+        raise ValueError(f"unknown model config field(s) {unknown}: valid fields are {', '.join(ViTConfig.__dataclass_fields__)}")
+    return ViTConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 # -----------------------------------------------------------------------------
-# position embeddings (official MAE: fixed 2-D sin-cos, cls slot of zeros)
+# position embeddings (official MAE: fixed 2-D sin-cos, a cls slot of zeros)
 
 
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """pos (M,) -> (M, embed_dim) = [sin(pos * omega) | cos(pos * omega)], omega_d = 1 / 10000^(d / (embed_dim/2))."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000 ** omega                           # (D/2,)
-    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]  # (M, D/2)
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, D)
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))  # (D/2,)
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]                            # (M, D/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)                                    # (M, D)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=True):
@@ -113,17 +127,16 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=True):
     As in the official code (np.meshgrid's 'xy' indexing), the first half of the channels encodes the
     patch's column and the second half its row; matching it keeps released checkpoints interchangeable."""
     coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing='ij')  # each (G, G)
-    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols),  # (G*G, D/2) column
-                     get_1d_sincos_pos_embed(embed_dim // 2, rows)],  # (G*G, D/2) row
-                    dim=1)                                            # (G*G, D)
+    rows, cols = torch.meshgrid(coords, coords, indexing='ij')              # each (G, G)
+    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols),         # (G*G, D/2) column
+                     get_1d_sincos_pos_embed(embed_dim // 2, rows)], dim=1)  # (G*G, D/2) row -> (G*G, D)
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), emb], dim=0)
     return emb.float()
 
 
 # -----------------------------------------------------------------------------
-# transformer blocks (pre-norm; names as timm's Block, which the official MAE uses)
+# transformer blocks (pre-norm; parameter names as timm's Block, which the official MAE uses)
 
 
 class Attention(nn.Module):
@@ -137,9 +150,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads)  # (B, T, 3, H, C/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                         # 3 x (B, H, T, C/H)
-        x = F.scaled_dot_product_attention(q, k, v)                            # (B, H, T, C/H), flash/efficient kernel on GPU
-        x = x.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
-        return self.proj(x)
+        x = F.scaled_dot_product_attention(q, k, v)                            # (B, H, T, C/H): flash/efficient kernel on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))                   # (B, T, C)
 
 
 class Mlp(nn.Module):
@@ -172,20 +184,18 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
-        return x
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> linear projection. A Conv2d with kernel = stride = patch, as officially."""
+    """Non-overlapping patches -> linear projection: a Conv2d with kernel = stride = patch, as officially."""
 
     def __init__(self, patch_size, in_chans, embed_dim):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        x = self.proj(x)                     # (N, D, G, G)
-        return x.flatten(2).transpose(1, 2)  # (N, L, D), row-major patch order
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, G, G) -> (N, L, D), row-major patch order
 
 
 # -----------------------------------------------------------------------------
@@ -193,75 +203,65 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder: patch embedding + cls token + fixed sin-cos positions + blocks + final norm.
-    With cfg.num_classes > 0 it is a classifier (`head`); its keys are the MAE encoder's keys, so a
-    pre-training checkpoint's encoder loads into it directly."""
+    """ViT encoder: patch embedding + cls token + fixed sin-cos positions + blocks + final norm. With
+    cfg.num_classes > 0 it is a classifier (`head`); its keys are the MAE encoder's keys, so a pre-training
+    checkpoint's encoder loads into it directly."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, init=True):
         super().__init__()
         self.cfg = cfg
         D = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        # fixed, not trained: a buffer, saved under the official name
-        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(D, cfg.grid_size)[None], persistent=True)  # (1, 1+L, D)
-        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
+        self.register_buffer('pos_embed', get_2d_sincos_pos_embed(D, cfg.grid_size)[None])  # (1, 1+L, D), fixed, saved
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]     # linear decay rule
         self.blocks = nn.ModuleList([Block(D, cfg.num_heads, cfg.mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
-        self.initialize_weights()
+        if init:
+            self.initialize_weights()
 
     def initialize_weights(self):
-        # official MAE init: patch embedding like a Linear, tokens N(0, 0.02), Linear xavier-uniform/zero bias,
-        # LayerNorm weight 1 bias 0
+        """The official MAE init: the patch embedding like a Linear, cls/mask tokens N(0, 0.02), every Linear
+        xavier-uniform with zero bias, LayerNorm weight 1 bias 0; a classifier head trunc_normal(std 2e-5), as in
+        official fine-tuning, so the first steps are gentle."""
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         for name, p in self.named_parameters():
-            if name.endswith('cls_token') or name.endswith('mask_token'):
+            if name in ('cls_token', 'mask_token'):
                 nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if self.head is not None:
-            # a small head init (official fine-tuning uses trunc_normal std 2e-5) keeps the first steps gentle
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
-
-    # --- patches -------------------------------------------------------------
 
     def patchify(self, imgs):
         """imgs (N, C, H, W) -> (N, L, p*p*C), row-major patches, channels last inside a patch (official order)."""
-        p, C = self.cfg.patch_size, imgs.shape[1]
-        N, h, w = imgs.shape[0], imgs.shape[2] // p, imgs.shape[3] // p
-        x = imgs.reshape(N, C, h, p, w, p)
-        x = torch.einsum('nchpwq->nhwpqc', x)
-        return x.reshape(N, h * w, p * p * C)
+        p, (N, C, H, W) = self.cfg.patch_size, imgs.shape
+        x = imgs.reshape(N, C, H // p, p, W // p, p)                 # (N, C, h, p, w, p)
+        x = torch.einsum('nchpwq->nhwpqc', x)                        # (N, h, w, p, p, C)
+        return x.reshape(N, (H // p) * (W // p), p * p * C)
 
     def unpatchify(self, x):
         """(N, L, p*p*C) -> imgs (N, C, H, W); the inverse of patchify."""
-        p = self.cfg.patch_size
-        N, L, D = x.shape
-        h = w = int(math.isqrt(L))
-        C = D // (p * p)
-        assert h * w == L and C * p * p == D, f"cannot unpatchify {tuple(x.shape)} with patch size {p}"
-        x = x.reshape(N, h, w, p, p, C)
-        x = torch.einsum('nhwpqc->nchpwq', x)
-        return x.reshape(N, C, h * p, w * p)
-
-    # --- encoder ---------------------------------------------------------------
+        p, (N, L, D) = self.cfg.patch_size, x.shape
+        h, C = math.isqrt(L), D // (p * p)
+        assert h * h == L and C * p * p == D, f"cannot unpatchify {tuple(x.shape)} with patch size {p}"
+        x = torch.einsum('nhwpqc->nchpwq', x.reshape(N, h, h, p, p, C))  # (N, C, h, p, w, p)
+        return x.reshape(N, C, h * p, h * p)
 
     def embed(self, imgs):
-        """imgs (N, C, H, W) -> patch tokens with positions (N, L, D), no cls yet."""
-        x = self.patch_embed(imgs)          # (N, L, D)
-        return x + self.pos_embed[:, 1:, :]
+        """imgs (N, C, H, W) -> patch tokens with their positions (N, L, D), no cls yet."""
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
 
     def encode(self, x):
-        """tokens (N, K, D) without cls -> prepend cls (+ its zero position), run the blocks, final norm -> (N, 1+K, D)."""
+        """tokens (N, K, D) without cls -> prepend cls (+ its zero position), blocks, final norm -> (N, 1+K, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)  # (N, 1, D)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
@@ -269,10 +269,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_features(self, imgs, pool=None):
-        """Unmasked encoding for classification / probing / kNN: (N, C, H, W) -> (N, D)."""
-        x = self.encode(self.embed(imgs))   # (N, 1+L, D)
-        pool = pool or self.cfg.global_pool
-        return x[:, 0] if pool == 'cls' else x[:, 1:].mean(dim=1)
+        """Unmasked encoding for classification, probing and kNN: (N, C, H, W) -> (N, D)."""
+        x = self.encode(self.embed(imgs))  # (N, 1+L, D)
+        return x[:, 0] if (pool or self.cfg.global_pool) == 'cls' else x[:, 1:].mean(dim=1)
 
     def forward(self, imgs):
         assert self.head is not None, "this encoder has no head: build it with num_classes > 0, or call forward_features"
@@ -280,7 +279,128 @@ class VisionTransformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# block masking (BEiT-style, PAPER.md section 5), precomputed as a bank so the training step has no Python loop
+# the masked autoencoder
+
+
+class MaskedAutoencoderViT(VisionTransformer):
+    """MAE: the encoder sees the visible patches (+ cls) only; the decoder sees every position."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__(replace(cfg, num_classes=0), init=True)  # (initialised again below, with the decoder: kept for now so weights stay bit-identical)
+        Dd = cfg.decoder_embed_dim
+        self.decoder_embed = nn.Linear(cfg.embed_dim, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.register_buffer('decoder_pos_embed', get_2d_sincos_pos_embed(Dd, cfg.grid_size)[None])  # (1, 1+L, Dd)
+        self.decoder_blocks = nn.ModuleList([Block(Dd, cfg.decoder_num_heads, cfg.decoder_mlp_ratio)
+                                             for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dd, cfg.patch_size ** 2 * cfg.in_chans)
+        self.initialize_weights()  # one pass over encoder and decoder together
+        self._block_banks = {}
+
+    def num_keep(self, mask_ratio):
+        check_mask_ratio(mask_ratio, self.cfg.num_patches, self.cfg.grid_size)
+        return int(self.cfg.num_patches * (1 - mask_ratio))
+
+    def masking_noise(self, n, mask_ratio, masking=None, generator=None, device=None):
+        """Noise (n, L) whose argsort gives the masking. 'random': U(0, 1), as officially. 'block': the patches of
+        drawn blocks (block_masks, below) get noise + 1, so exactly L - len_keep patches are masked, all inside them."""
+        masking, device = masking or self.cfg.masking, device or self.pos_embed.device
+        noise = torch.rand(n, self.cfg.num_patches, device=device, generator=generator)
+        if masking == 'random':
+            return noise
+        if masking != 'block':
+            raise ValueError(f"masking must be 'random' or 'block', got {masking!r}")
+        key = (round(mask_ratio, 6), str(device))
+        if key not in self._block_banks:
+            bank_gen = torch.Generator().manual_seed(0)  # the bank is a fixed table; the draw from it is random
+            cover, _ = sample_block_masks(BLOCK_BANK_SIZE, self.cfg.grid_size,
+                                          self.cfg.num_patches - self.num_keep(mask_ratio), generator=bank_gen)
+            self._block_banks[key] = cover.to(device)
+        bank = self._block_banks[key]
+        pick = torch.randint(0, bank.shape[0], (n,), device=device, generator=generator)
+        return noise + bank[pick].to(noise.dtype)  # (n, L)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """Official per-sample masking by argsort of noise: keep the len_keep smallest. x (N, L, D) ->
+        x_visible (N, K, D), mask (N, L) with 1 = masked in patch order, ids_restore (N, L)."""
+        N, L, D = x.shape
+        len_keep = self.num_keep(mask_ratio)
+        if noise is None:
+            noise = self.masking_noise(N, mask_ratio, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)          # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]               # (N, K)
+        x_visible = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, D))  # (N, K, D)
+        mask = torch.ones(N, L, device=x.device)           # float32 even under autocast
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)          # (N, L), back in patch order
+        return x_visible, mask, ids_restore
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        x = self.embed(imgs)                                # (N, L, D)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        return self.encode(x), mask, ids_restore            # (N, 1+K, D)
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)                           # (N, 1+K, Dd)
+        N, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)   # (N, L-K, Dd)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)   # (N, L, Dd) in shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed         # (N, 1+L, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))         # (N, 1+L, p*p*C)
+        return x[:, 1:, :]                                  # drop cls -> (N, L, p*p*C)
+
+    def pixel_target(self, imgs):
+        """The reconstruction target in patch space: raw (normalised-image) pixels, or per-patch normalised."""
+        target = self.patchify(imgs)                        # (N, L, p*p*C)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs, pred, mask, on_all=None):
+        """Per-patch MSE against pixel_target, averaged over the masked patches (MAE), or over all patches
+        (on_all; default cfg.loss_on_all, SMAE). With on_all=False it is the masked-patch MSE that pretrain.py's
+        val loss and evaluate.py report."""
+        loss = ((pred.float() - self.pixel_target(imgs).float()) ** 2).mean(dim=-1)  # (N, L) per-patch loss
+        if self.cfg.loss_on_all if on_all is None else on_all:
+            return loss.mean()
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=None, noise=None):
+        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)    # (N, L, p*p*C)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def pixel_mask(self, mask):
+        """Patch mask (N, L), 1 = masked -> pixel mask (N, 1, H, W)."""
+        g, p = self.cfg.grid_size, self.cfg.patch_size
+        return mask.view(-1, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+    def reconstruct(self, imgs, pred, mask, paste=True):
+        """Images from predictions, in the input's (normalised) space: (reconstruction, reconstruction with the
+        visible patches pasted from the input, or None if paste=False). With norm_pix_loss the predictions are
+        per-patch normalised; turning them into pixels needs each patch's true mean and variance, which this
+        does (for the SMAE critic, which sees the image anyway). evaluate.py does not score such pictures."""
+        if self.cfg.norm_pix_loss:
+            target = self.patchify(imgs)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        recon = self.unpatchify(pred.float())
+        if not paste:
+            return recon, None
+        m = mask[:, :, None].expand(-1, -1, pred.shape[-1]).to(pred.dtype)  # (N, L, p*p*C)
+        return recon, self.unpatchify(pred.float() * m + self.patchify(imgs).float() * (1 - m))
+
+
+# -----------------------------------------------------------------------------
+# block masking (BEiT-style rectangles), precomputed as a bank so the training step has no Python loop
+
+BLOCK_BANK_SIZE = 4096  # block masks precomputed per (mask ratio, device)
 
 
 def sample_block_masks(n, grid, num_masked, generator=None, min_area=16, log_aspect=math.log(1 / 0.3), max_rounds=1000):
@@ -314,151 +434,21 @@ def sample_block_masks(n, grid, num_masked, generator=None, min_area=16, log_asp
 
 
 # -----------------------------------------------------------------------------
-# the masked autoencoder
-
-
-class MaskedAutoencoderViT(VisionTransformer):
-    """MAE: the encoder sees the visible patches (+ cls) only, the decoder sees every position."""
-
-    block_bank_size = 4096  # block masks precomputed per (mask ratio, device)
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__(cfg)
-        Dd = cfg.decoder_embed_dim
-        self.decoder_embed = nn.Linear(cfg.embed_dim, Dd)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
-        self.register_buffer('decoder_pos_embed', get_2d_sincos_pos_embed(Dd, cfg.grid_size)[None], persistent=True)
-        self.decoder_blocks = nn.ModuleList([Block(Dd, cfg.decoder_num_heads, cfg.decoder_mlp_ratio)
-                                             for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
-        self.decoder_pred = nn.Linear(Dd, cfg.patch_size ** 2 * cfg.in_chans)
-        self.initialize_weights()  # again, now over encoder and decoder together (one documented init)
-        self._block_banks = {}
-
-    # --- masking ---------------------------------------------------------------
-
-    def num_keep(self, mask_ratio):
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
-        return int(self.cfg.num_patches * (1 - mask_ratio))
-
-    def masking_noise(self, n, mask_ratio, masking=None, generator=None, device=None):
-        """Noise (n, L) whose argsort gives the masking: keep the len_keep smallest. For 'random' it is U(0, 1)
-        (official). For 'block' a precomputed block mask is drawn per sample and its patches get noise + 1,
-        so exactly L - len_keep patches are masked, all inside the blocks."""
-        masking = masking or self.cfg.masking
-        device = device or self.pos_embed.device
-        L = self.cfg.num_patches
-        noise = torch.rand(n, L, device=device, generator=generator)
-        if masking == 'random':
-            return noise
-        if masking != 'block':
-            raise ValueError(f"masking must be 'random' or 'block', got {masking!r}")
-        key = (round(mask_ratio, 6), str(device))
-        if key not in self._block_banks:
-            bank_gen = torch.Generator().manual_seed(0)  # the bank is a fixed table; the draw from it is random
-            cover, _ = sample_block_masks(self.block_bank_size, self.cfg.grid_size,
-                                          L - self.num_keep(mask_ratio), generator=bank_gen)
-            self._block_banks[key] = cover.to(device)
-        bank = self._block_banks[key]
-        pick = torch.randint(0, bank.shape[0], (n,), device=device, generator=generator)
-        return noise + bank[pick].to(noise.dtype)  # (n, L)
-
-    def random_masking(self, x, mask_ratio, noise=None):
-        """Official per-sample masking by argsort of noise. x (N, L, D) -> x_visible (N, K, D),
-        mask (N, L) with 1 = masked in the original order, ids_restore (N, L)."""
-        N, L, D = x.shape
-        len_keep = self.num_keep(mask_ratio)
-        if noise is None:
-            noise = self.masking_noise(N, mask_ratio, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=1)          # ascending: small noise is kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]               # (N, K)
-        x_visible = torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, D))  # (N, K, D)
-        mask = torch.ones(N, L, device=x.device)           # float32 even under autocast
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)          # (N, L), back in patch order
-        return x_visible, mask, ids_restore
-
-    # --- encoder / decoder ---------------------------------------------------------
-
-    def forward_encoder(self, imgs, mask_ratio, noise=None):
-        x = self.embed(imgs)                                # (N, L, D)
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        return self.encode(x), mask, ids_restore            # (N, 1+K, D)
-
-    def forward_decoder(self, x, ids_restore):
-        x = self.decoder_embed(x)                           # (N, 1+K, Dd)
-        N, L = ids_restore.shape
-        mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)   # (N, L-K, Dd)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)   # (N, L, Dd) in shuffled order
-        x_ = torch.gather(x_, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[2]))  # unshuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed         # (N, 1+L, Dd)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))         # (N, 1+L, p*p*C)
-        return x[:, 1:, :]                                  # drop cls -> (N, L, p*p*C)
-
-    def pixel_target(self, imgs):
-        """The reconstruction target in patch space: raw (normalised-image) pixels, or per-patch normalised."""
-        target = self.patchify(imgs)                        # (N, L, p*p*C)
-        if self.cfg.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        return target
-
-    def forward_loss(self, imgs, pred, mask):
-        """MSE per patch, averaged over masked patches (MAE) or over all patches (cfg.loss_on_all, SMAE)."""
-        loss = (pred.float() - self.pixel_target(imgs).float()) ** 2
-        loss = loss.mean(dim=-1)                            # (N, L) per-patch loss
-        if self.cfg.loss_on_all:
-            return loss.mean()
-        return (loss * mask).sum() / mask.sum()
-
-    def forward(self, imgs, mask_ratio=None, noise=None):
-        mask_ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)    # (N, L, p*p*C)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
-
-    def pixel_mask(self, mask):
-        """Patch mask (N, L), 1 = masked -> pixel mask (N, 1, H, W)."""
-        g, p = self.cfg.grid_size, self.cfg.patch_size
-        return mask.view(-1, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)
-
-    def reconstruct(self, imgs, pred, mask, paste=True):
-        """Images from predictions, in the input's (normalised) space: (reconstruction, reconstruction with the
-        visible patches pasted from the input, or None if paste=False). Undoes the per-patch normalisation when
-        norm_pix_loss is on."""
-        if self.cfg.norm_pix_loss:
-            target = self.patchify(imgs)
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-            pred = pred * std + mean
-        recon = self.unpatchify(pred.float())
-        if not paste:
-            return recon, None
-        m = mask[:, :, None].expand(-1, -1, pred.shape[-1]).to(pred.dtype)  # (N, L, p*p*C)
-        pasted = self.unpatchify((pred.float() * m + self.patchify(imgs).float() * (1 - m)))
-        return recon, pasted
-
-
-# -----------------------------------------------------------------------------
 # building models and loading weights
 
 
 def build_mae(cfg: ViTConfig) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(replace(cfg, num_classes=0))
+    return MaskedAutoencoderViT(cfg)
 
 
 def build_classifier(cfg: ViTConfig, num_classes) -> VisionTransformer:
     return VisionTransformer(replace(cfg, num_classes=num_classes))
 
 
-def config_to_dict(cfg: ViTConfig):
-    return asdict(cfg)
+def build_squeezenet(num_classes):
+    """torchvision's SqueezeNet 1.1, trained from scratch (finetune.py --arch squeezenet): the SMAE critic."""
+    import torchvision  # here, not at the top: only SqueezeNet needs it, and it costs a second to import
+    return torchvision.models.squeezenet1_1(weights=None, num_classes=num_classes)
 
 
 def clean_state_dict(sd):
@@ -468,44 +458,33 @@ def clean_state_dict(sd):
     out = {}
     for k, v in sd.items():
         for prefix in ('module.', '_orig_mod.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+            k = k[len(prefix):] if k.startswith(prefix) else k
         out[k] = v
     return out
 
 
-def load_weights(model, sd, what='checkpoint', skip_prefixes=()):
-    """Load a state dict into `model`, strictly, with a readable error.
-    - position embeddings are fixed sin-cos, so at another image size the model's own (regenerated) ones are kept;
-    - keys starting with any of `skip_prefixes` (e.g. the decoder when loading into a classifier) are ignored;
-    - a missing, unexpected or mis-shaped key raises ValueError naming the keys and both shapes."""
-    sd = clean_state_dict(sd)
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if not any(k.startswith(p) for p in skip_prefixes)}
+def encoder_state_dict(sd):
+    """The encoder part of an MAE state dict (what a classifier loads)."""
+    return {k: v for k, v in clean_state_dict(sd).items() if not (k.startswith('decoder') or k == 'mask_token')}
+
+
+def load_weights(model, sd, what='checkpoint'):
+    """Load a state dict into `model` strictly, with a readable error. The position embeddings are fixed sin-cos, so
+    at another image size the model's own (regenerated) ones are kept. A missing, unexpected or mis-shaped key raises
+    ValueError naming the keys and both shapes."""
+    sd, own = clean_state_dict(sd), model.state_dict()
     for k in ('pos_embed', 'decoder_pos_embed'):
         if k in sd and k in own and sd[k].shape != own[k].shape:
             sd[k] = own[k]  # regenerated for this model's grid
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: {tuple(sd[k].shape)} in {what} vs {tuple(own[k].shape)} in model"
-                  for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append("shape mismatch " + "; ".join(mismatched[:6]) + (" ..." if len(mismatched) > 6 else ""))
-        if missing:
-            parts.append(f"missing keys {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:6]}" + (" ..." if len(unexpected) > 6 else ""))
-        raise ValueError(f"{what} does not fit this model ({'; '.join(parts)}): build the model with the checkpoint's preset and sizes")
+    problems = [f"shape mismatch {k}: {tuple(sd[k].shape)} in {what} vs {tuple(own[k].shape)} in model"
+                for k in sd if k in own and sd[k].shape != own[k].shape]
+    for label, keys in (('missing keys', [k for k in own if k not in sd]), ('unexpected keys', [k for k in sd if k not in own])):
+        if keys:
+            problems.append(f"{label} {keys[:6]}" + (" ..." if len(keys) > 6 else ""))
+    if problems:
+        raise ValueError(f"{what} does not fit this model ({'; '.join(problems[:8])}): build the model with the checkpoint's preset and sizes")
     model.load_state_dict(sd, strict=True)
     return model
-
-
-def encoder_state_dict(sd):
-    """The encoder part of an MAE state dict (what a classifier loads)."""
-    sd = clean_state_dict(sd)
-    return {k: v for k, v in sd.items() if not (k.startswith('decoder') or k == 'mask_token')}
 
 
 # -----------------------------------------------------------------------------
@@ -517,60 +496,41 @@ def flops_per_image(cfg: ViTConfig, mask_ratio=None, train=True):
     mask_ratio=None: the unmasked encoder (classification); else the MAE encoder on visible tokens + decoder."""
     def blocks(n_tokens, dim, depth, mlp_ratio):
         per_token = 2 * (4 * dim * dim + 2 * dim * int(dim * mlp_ratio))   # qkv + proj + mlp
-        attn = 2 * 2 * n_tokens * n_tokens * dim                          # q@k^T and attn@v
-        return depth * (n_tokens * per_token + attn)
+        return depth * (n_tokens * per_token + 2 * 2 * n_tokens * n_tokens * dim)  # + q@k^T and attn@v
     L, D, p2c = cfg.num_patches, cfg.embed_dim, cfg.patch_size ** 2 * cfg.in_chans
     if mask_ratio is None:
         f = 2 * L * p2c * D + blocks(L + 1, D, cfg.depth, cfg.mlp_ratio) + 2 * D * max(cfg.num_classes, 1)
     else:
-        K = int(L * (1 - mask_ratio))
-        Dd = cfg.decoder_embed_dim
+        K, Dd = int(L * (1 - mask_ratio)), cfg.decoder_embed_dim
         f = (2 * L * p2c * D + blocks(K + 1, D, cfg.depth, cfg.mlp_ratio)
              + 2 * (K + 1) * D * Dd + blocks(L + 1, Dd, cfg.decoder_depth, cfg.decoder_mlp_ratio) + 2 * L * Dd * p2c)
     return 3 * f if train else f
 
 
-# -----------------------------------------------------------------------------
-# SMAE: the pre-training objective with a perceptual term (PAPER.md section 4)
-
-
-def build_squeezenet(num_classes):
-    """torchvision's SqueezeNet 1.1, trained from scratch (finetune.py --arch squeezenet): the SMAE critic."""
-    import torchvision
-    return torchvision.models.squeezenet1_1(weights=None, num_classes=num_classes)
-
-
 def conv_flops(module, shape):
-    """Forward FLOPs of the convolutions (2 per multiply-add) of `module` on an input of `shape` (1 image)."""
-    total = 0
-
-    def hook(m, inp, out):
-        nonlocal total
-        total += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
+    """Forward FLOPs (2 per multiply-add) of `module` on one input of `shape`, counted by torch's FlopCounterMode."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.zeros(shape, device=next(module.parameters()).device))
-    for h in handles:
-        h.remove()
-    return total
+    return counter.get_total_flops()
+
+
+# -----------------------------------------------------------------------------
+# SMAE: the pre-training objective with a perceptual term
 
 
 class MAEObjective(nn.Module):
     """The pre-training loss as one module, so that one torch.compile covers model, loss and critic.
     alpha = 0 (or no critic): exactly the MAE loss. alpha > 0: (1 - alpha) * L_pixel + alpha * c * L_percep with
-    L_pixel on all patches (the model is built with loss_on_all) and L_percep = MSE between critic features of
-    the image and of the full reconstruction. weighting='uncertainty' learns the mixing instead (Kendall et al.:
-    sum_i exp(-s_i) L_i + s_i over the pixel and the c-scaled perceptual term)."""
+    L_pixel on all patches (the model is built with loss_on_all) and L_percep = MSE between critic features of the
+    image and of the full reconstruction; c is fixed by calibration before training. weighting='uncertainty' learns
+    the mix instead (Kendall et al.: sum_i exp(-s_i) L_i + s_i over the pixel and the c-scaled perceptual term)."""
 
     def __init__(self, mae, critic=None, alpha=0.0, critic_sigmoid=True, weighting='fixed'):
         super().__init__()
         if weighting not in ('fixed', 'uncertainty'):
             raise ValueError(f"weighting must be fixed or uncertainty, got {weighting!r}")
-        self.mae = mae
-        self.alpha = float(alpha)
-        self.critic = critic
-        self.critic_sigmoid = critic_sigmoid
-        self.weighting = weighting
+        self.mae, self.alpha, self.critic = mae, float(alpha), critic
+        self.critic_sigmoid, self.weighting = critic_sigmoid, weighting
         if critic is not None:
             critic.eval()                      # frozen: eval mode and no gradients into its weights
             critic.requires_grad_(False)

@@ -10,6 +10,7 @@ pre-training recipe (PAPER.md section 3). The training step is the same whatever
 accumulation steps: the global batch, its order and its masks depend only on (seed, step).
 """
 import json
+from dataclasses import asdict
 import os
 import time
 
@@ -223,7 +224,7 @@ def train(cfg, given, run):
     mask_gen = torch.Generator(device=device)
 
     def save(val_loss=None):
-        common.save_atomic({'kind': 'pretrain', 'model': mae.state_dict(), 'model_config': M.config_to_dict(mcfg),
+        common.save_atomic({'kind': 'pretrain', 'model': mae.state_dict(), 'model_config': asdict(mcfg),
                             'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
                             'objective': objective.extra_state(), 'step': step, 'epoch': step / steps_per_epoch,
                             'config': vars(cfg), 'rng': common.rng_state(), 'val_loss': val_loss},

@@ -18,6 +18,7 @@ The functions extract_features, train_linear_head and accuracy are public: evalu
 """
 import contextlib
 import json
+from dataclasses import asdict
 import os
 import time
 
@@ -202,7 +203,7 @@ def probe(cfg, given, run):
                             warmup_epochs=cfg.warmup_epochs, batch_size=cfg.batch_size, lr=peak_lr,
                             betas=(cfg.beta1, cfg.beta2), seed=cfg.seed, log=log)
     seconds = time.time() - t0
-    common.save_atomic({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': M.config_to_dict(encoder.cfg),
+    common.save_atomic({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': asdict(encoder.cfg),
                         'config': vars(cfg), 'encoder_ckpt': cfg.ckpt, 'pool': cfg.pool, 'num_classes': num_classes,
                         'epoch': cfg.epochs, 'top1': out['top1'], 'top5': out['top5'], 'classes': list(train_split.classes)},
                        os.path.join(cfg.out_dir, 'ckpt.pt'))
