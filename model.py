@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 MASKINGS = ('random', 'block')  # random: official MAE; block: BEiT-style rectangles
 POOLS = ('cls', 'mean')         # the classification feature: the cls token, or the mean of the patch tokens
+WEIGHTINGS = ('fixed', 'uncertainty')  # SMAE's mix of pixel and perceptual loss: fixed alpha, or learned (Kendall et al.)
 
 
 @dataclass
@@ -76,9 +77,9 @@ class ViTConfig:
 def check_mask_ratio(mask_ratio, num_patches, grid_size):
     """A mask ratio must hide some patches and leave the encoder at least one visible patch."""
     if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}: it is the fraction of patches hidden")
+        raise ValueError(f"mask ratio (--mask) must be in (0, 1), got {mask_ratio}: it is the fraction of patches hidden")
     if int(num_patches * (1 - mask_ratio)) < 1:
-        raise ValueError(f"mask ratio {mask_ratio} leaves no visible patch on a {grid_size}x{grid_size} patch grid: "
+        raise ValueError(f"mask ratio (--mask) {mask_ratio} leaves no visible patch on a {grid_size}x{grid_size} patch grid: "
                          f"lower the mask ratio, or use smaller patches or larger images")
 
 
@@ -296,7 +297,6 @@ class MaskedAutoencoderViT(VisionTransformer):
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         self.decoder_pred = nn.Linear(Dd, cfg.patch_size ** 2 * cfg.in_chans)
         self.initialize_weights()  # one pass over encoder and decoder together
-        self._block_banks = {}
 
     def num_keep(self, mask_ratio):
         check_mask_ratio(mask_ratio, self.cfg.num_patches, self.cfg.grid_size)
@@ -304,22 +304,17 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def masking_noise(self, n, mask_ratio, masking=None, generator=None, device=None):
         """Noise (n, L) whose argsort gives the masking. 'random': U(0, 1), as officially. 'block': the patches of
-        drawn blocks (block_masks, below) get noise + 1, so exactly L - len_keep patches are masked, all inside them."""
+        blocks drawn afresh from `generator` (sample_block_masks, below) get noise + 1; the blocks cover exactly
+        L - len_keep patches, so exactly those are masked: every block patch, and nothing else."""
         masking, device = masking or self.cfg.masking, device or self.pos_embed.device
         noise = torch.rand(n, self.cfg.num_patches, device=device, generator=generator)
         if masking == 'random':
             return noise
         if masking != 'block':
             raise ValueError(f"masking must be 'random' or 'block', got {masking!r}")
-        key = (round(mask_ratio, 6), str(device))
-        if key not in self._block_banks:
-            bank_gen = torch.Generator().manual_seed(0)  # the bank is a fixed table; the draw from it is random
-            cover, _ = sample_block_masks(BLOCK_BANK_SIZE, self.cfg.grid_size,
-                                          self.cfg.num_patches - self.num_keep(mask_ratio), generator=bank_gen)
-            self._block_banks[key] = cover.to(device)
-        bank = self._block_banks[key]
-        pick = torch.randint(0, bank.shape[0], (n,), device=device, generator=generator)
-        return noise + bank[pick].to(noise.dtype)  # (n, L)
+        cover, _ = sample_block_masks(n, self.cfg.grid_size, self.cfg.num_patches - self.num_keep(mask_ratio),
+                                      generator=generator, device=device)
+        return noise + cover.to(noise.dtype)  # (n, L)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Official per-sample masking by argsort of noise: keep the len_keep smallest. x (N, L, D) ->
@@ -398,39 +393,53 @@ class MaskedAutoencoderViT(VisionTransformer):
 
 
 # -----------------------------------------------------------------------------
-# block masking (BEiT-style rectangles), precomputed as a bank so the training step has no Python loop
-
-BLOCK_BANK_SIZE = 4096  # block masks precomputed per (mask ratio, device)
+# block masking (BEiT-style rectangles), drawn fresh on every call from the caller's generator, vectorised over masks
 
 
-def sample_block_masks(n, grid, num_masked, generator=None, min_area=16, log_aspect=math.log(1 / 0.3), max_rounds=1000):
-    """Draw n block masks on a grid x grid patch grid, each covering at least `num_masked` patches.
-    Vectorised over the n masks: each round adds one rectangle to every mask still short of its target.
-    Rectangles never wrap around the grid edge. Returns (cover (n, grid*grid) bool, rects (n, R, 4) long of
-    (top, left, height, width) with height 0 for rounds where a mask had no rectangle added)."""
-    cover = torch.zeros(n, grid, grid, dtype=torch.bool)
-    ar = torch.arange(grid)
+def sample_block_masks(n, grid, num_masked, generator=None, device=None, min_area=16, log_aspect=math.log(1 / 0.3),
+                       tries=4, rounds_per_check=8, max_rounds=1024):
+    """Draw n block masks on a grid x grid patch grid, each covering exactly `num_masked` patches and being exactly
+    the union of its rectangles (so after the argsort no block patch is visible and no other patch is masked).
+    BEiT's recipe: area ~ U[min_area, remaining], aspect log-uniform in [0.3, 1/0.3], and, here, never wrapping
+    around the grid edge. Rounds add at most one rectangle to every mask at once (no loop over masks): of `tries`
+    proposals per mask, the first that adds between 1 and `remaining` new patches is taken (rejection sampling), so
+    no mask overshoots; once fewer than min_area patches remain, a proposal aims at the remainder itself (down to
+    1x1), so every mask reaches its target exactly. Draws happen on the generator's device (else `device`), fresh on
+    every call; the host checks for completion only every `rounds_per_check` rounds, masks already done taking no
+    more rectangles meanwhile. Returns (cover (n, grid*grid) bool, rects (n, R, 4) long of (top, left, height,
+    width), all 0 (so height 0) where a mask got no rectangle in a round)."""
+    if not 0 <= num_masked <= grid * grid:
+        raise ValueError(f"cannot mask {num_masked} patches on a {grid}x{grid} patch grid")
+    device = generator.device if generator is not None else device
+    cover = torch.zeros(n, grid, grid, device=device)                      # 0/1 as float: overlaps are matmuls
+    count = torch.zeros(n, dtype=torch.long, device=device)                # patches masked so far, per mask
+    ar = torch.arange(grid, device=device)
+    span = lambda start, size: ((ar >= start[..., None]) & (ar < (start + size)[..., None])).float()  # 0/1 (..., G)
     rects = []
-    for _ in range(max_rounds):
-        need = cover.flatten(1).sum(1) < num_masked                     # (n,) masks still short
-        if not need.any():
+    for rnd in range(1, max_rounds + 1):
+        remaining = (num_masked - count)[:, None]                          # (n, 1)
+        u = torch.rand(4, n, tries, generator=generator, device=device)    # `tries` proposals per mask and round
+        lo = remaining.clamp(max=min_area).float()                         # below min_area: aim at the remainder
+        area = lo + u[0] * (remaining - lo)                                # U[min_area, remaining]
+        aspect = torch.exp((2 * u[1] - 1) * log_aspect)                    # log-uniform in [0.3, 1/0.3]
+        # trim so that h * w <= remaining (rounding can overshoot the area): a proposal then never overshoots
+        h = torch.sqrt(area * aspect).round().long().clamp(min=1).minimum(remaining.clamp(max=grid))
+        w = torch.sqrt(area / aspect).round().long().clamp(min=1).minimum((remaining // h.clamp(min=1)).clamp(max=grid))
+        top = (u[2] * (grid - h + 1)).long()                               # in [0, grid - h]: no wrap-around
+        left = (u[3] * (grid - w + 1)).long()
+        added = h * w - ((span(top, h) @ cover) * span(left, w)).sum(-1).long()  # (n, tries); overlapping is fine
+        fits = (added > 0) & (added <= remaining)                          # done masks (remaining 0) take nothing
+        pick = fits.long().argmax(1, keepdim=True)                         # the first fitting proposal: rejection
+        ok = fits.gather(1, pick)                                          # sampling, cut at `tries`; (n, 1)
+        top, left, h, w, added = (t.gather(1, pick) * ok for t in (top, left, h, w, added))  # (n, 1) each
+        cover.addcmul_(span(top, h).transpose(1, 2), span(left, w)).clamp_(max=1)  # cover |= picked rectangle
+        count += added[:, 0]
+        rects.append(torch.cat([top, left, h, w], 1))
+        if rnd % rounds_per_check == 0 and bool((count == num_masked).all()):  # the only host syncs
             break
-        remaining = (num_masked - cover.flatten(1).sum(1)).clamp(min=0).float()
-        hi = torch.maximum(remaining, torch.full_like(remaining, float(min_area)))
-        area = min_area + torch.rand(n, generator=generator) * (hi - min_area)   # s ~ U[16, max(16, remaining)]
-        aspect = torch.exp((torch.rand(n, generator=generator) * 2 - 1) * log_aspect)  # r log-uniform in [0.3, 1/0.3]
-        h = torch.sqrt(area * aspect).round().long().clamp(1, grid)
-        w = torch.sqrt(area / aspect).round().long().clamp(1, grid)
-        top = (torch.rand(n, generator=generator) * (grid - h + 1)).long()   # keeps the block inside the grid
-        left = (torch.rand(n, generator=generator) * (grid - w + 1)).long()
-        h = torch.where(need, h, torch.zeros_like(h))                        # masks already done get no rectangle
-        in_rows = (ar[None, :] >= top[:, None]) & (ar[None, :] < (top + h)[:, None])    # (n, G)
-        in_cols = (ar[None, :] >= left[:, None]) & (ar[None, :] < (left + w)[:, None])  # (n, G)
-        cover |= in_rows[:, :, None] & in_cols[:, None, :]
-        rects.append(torch.stack([top, left, h, w], dim=1))
     else:
-        raise RuntimeError("block masking did not reach its target; is num_masked larger than the grid?")
-    return cover.flatten(1), torch.stack(rects, dim=1)
+        raise RuntimeError(f"block masking did not reach {num_masked} patches in {max_rounds} rounds")
+    return cover.flatten(1).bool(), torch.stack(rects, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -527,15 +536,14 @@ class MAEObjective(nn.Module):
 
     def __init__(self, mae, critic=None, alpha=0.0, critic_sigmoid=True, weighting='fixed'):
         super().__init__()
-        if weighting not in ('fixed', 'uncertainty'):
-            raise ValueError(f"weighting must be fixed or uncertainty, got {weighting!r}")
         self.mae, self.alpha, self.critic = mae, float(alpha), critic
         self.critic_sigmoid, self.weighting = critic_sigmoid, weighting
         if critic is not None:
             critic.eval()                      # frozen: eval mode and no gradients into its weights
             critic.requires_grad_(False)
         self.register_buffer('c', torch.ones(()))  # perceptual scale, fixed by calibration before training
-        self.log_vars = nn.Parameter(torch.zeros(2)) if weighting == 'uncertainty' else None
+        # learned log-variances only where there are two terms to mix (an unused parameter breaks DDP)
+        self.log_vars = nn.Parameter(torch.zeros(2)) if weighting == 'uncertainty' and self.smae else None
 
     @property
     def smae(self):

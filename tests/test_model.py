@@ -121,27 +121,64 @@ def test_norm_pix_loss_matches_direct_computation():
     assert torch.allclose(m.forward_loss(imgs, pred, mask), expected, atol=1e-5)
 
 
-def test_block_masks_exact_count_and_rectangles_inside_grid():
-    g = torch.Generator().manual_seed(1)
-    G, T = 16, 128
-    cover, rects = M.sample_block_masks(200, G, T, generator=g)
-    assert torch.all(cover.sum(1) >= T)
-    for n in range(0, 200, 17):
-        union = torch.zeros(G, G, dtype=torch.bool)
-        for top, left, h, w in rects[n].tolist():
+def union_of_rects(rects, G):
+    """Rebuild each mask from its rectangles (top, left, h, w), checking that every rectangle lies inside the grid."""
+    union = torch.zeros(rects.shape[0], G, G, dtype=torch.bool)
+    for n, mask_rects in enumerate(rects.tolist()):
+        for top, left, h, w in mask_rects:
             if h == 0:
                 continue
-            assert 0 <= top and top + h <= G and 0 <= left and left + w <= G, "a block leaves the grid"
-            union[top:top + h, left:left + w] = True
-        assert torch.equal(union.flatten(), cover[n]), "mask is not the union of its rectangles"
-    # through the model: exactly T masked per sample, all inside the drawn blocks, differing per sample
+            assert 0 <= top and top + h <= G and 0 <= left and left + w <= G and w >= 1, "a block leaves the grid"
+            union[n, top:top + h, left:left + w] = True
+    return union.flatten(1)
+
+
+@pytest.mark.parametrize('G,T', [(16, 128), (8, 32), (8, 48), (14, 49), (4, 15), (4, 1), (4, 16)])
+def test_block_masks_exact_count_and_rectangles_inside_grid(G, T):
+    # exactly T patches per mask (an overshoot would leave random holes in the blocks), and each mask is exactly
+    # the union of its rectangles: no block patch left out, nothing outside the blocks
+    cover, rects = M.sample_block_masks(300, G, T, generator=torch.Generator().manual_seed(1))
+    assert cover.shape == (300, G * G) and cover.dtype == torch.bool and rects.shape[::2] == (300, 4)
+    assert torch.all(cover.sum(1) == T)
+    assert torch.equal(union_of_rects(rects, G), cover), "a mask is not the union of its rectangles"
+
+
+def test_block_masks_through_the_model_mask_exactly_the_blocks():
+    # the study's ablation: block masking at 0.5 on the 16x16 grid of ViT-Lite-7/4 at 64px; and an 8x8 preset at 0.75
+    for name, ratio in [('vit_lite', 0.5), ('vit_tiny', 0.75)]:
+        cfg = M.make_config(name, masking='block')
+        m = M.build_mae(cfg)
+        L = cfg.num_patches
+        noise = m.masking_noise(64, ratio, generator=torch.Generator().manual_seed(0))
+        _, mask, _ = m.random_masking(torch.randn(64, L, 4), ratio, noise)
+        assert torch.all(mask.sum(1) == L - m.num_keep(ratio))
+        assert torch.equal(mask.bool(), noise >= 1), "masked patches are not exactly the block patches"
+        assert len({tuple(r.tolist()) for r in mask}) == 64, "masks repeat across the batch"
+
+
+def test_block_masks_fresh_per_generator_state_and_reproducible():
     m = M.build_mae(M.make_config('vit_lite', masking='block'))
-    noise = m.masking_noise(64, 0.5, generator=torch.Generator().manual_seed(0))
-    x = torch.randn(64, 256, 4)
-    _, mask, _ = m.random_masking(x, 0.5, noise)
-    assert torch.all(mask.sum(1) == 128)
-    assert torch.all(mask[noise < 1] == 0), "a patch outside every block was masked"
-    assert len({tuple(r.tolist()) for r in mask}) > 32
+    draw = lambda g: m.masking_noise(256, 0.5, generator=g) >= 1
+    a, b = draw(torch.Generator().manual_seed(5)), draw(torch.Generator().manual_seed(5))
+    assert torch.equal(a, b), "the same generator state must give the same masks"
+    g = torch.Generator().manual_seed(6)
+    c, d = draw(g), draw(g)                     # other seed; and the next call from the same generator
+    seen = {tuple(r.tolist()) for x in (a, c, d) for r in x}
+    assert len(seen) == 3 * 256, "masks repeat across seeds or calls: they must be drawn fresh, not from a table"
+
+
+def test_block_masks_are_beit_like():
+    # rectangles of BEiT's sizes and shapes, not a scatter of tiny ones (BEiT's own sampler at 128 of 16x16:
+    # ~5.6 rectangles of mean area ~30 per mask; only the last, remainder-filling ones may be small)
+    _, rects = M.sample_block_masks(1000, 16, 128, generator=torch.Generator().manual_seed(2))
+    live = rects[..., 2] > 0
+    h, w = rects[..., 2][live].float(), rects[..., 3][live].float()
+    per_mask = live.sum(1).float()
+    assert 4 <= per_mask.mean() <= 8 and per_mask.max() <= 20, per_mask.mean()
+    assert 20 <= (h * w).mean() <= 40, (h * w).mean()
+    assert (h * w == 1).float().mean() < 0.1, "too many 1x1 blocks"
+    big = h * w >= 16                           # aspect ratios spread over [0.3, 1/0.3] (up to rounding)
+    assert (h / w)[big].min() < 0.45 and (h / w)[big].max() > 2.2 and 0.25 <= (h / w)[big].min()
 
 
 def test_block_masks_without_wrap_around():
@@ -152,6 +189,20 @@ def test_block_masks_without_wrap_around():
     r = r[r[:, 2] > 0]
     assert torch.all(r[:, 0] + r[:, 2] <= 8) and torch.all(r[:, 1] + r[:, 3] <= 8)
     assert torch.all(r[:, 0] >= 0) and torch.all(r[:, 1] >= 0)
+    assert torch.any(r[:, 1] + r[:, 3] == 8) and torch.any(r[:, 0] + r[:, 2] == 8)  # the edges are reached
+
+
+def test_block_masks_bad_target():
+    with pytest.raises(ValueError, match='cannot mask 65 patches on a 8x8'):
+        M.sample_block_masks(4, 8, 65)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_block_masks_on_a_cuda_generator():
+    g = torch.Generator(device='cuda').manual_seed(0)
+    cover, rects = M.sample_block_masks(512, 16, 128, generator=g)
+    assert cover.is_cuda and rects.is_cuda and torch.all(cover.sum(1) == 128)
+    assert torch.equal(union_of_rects(rects.cpu(), 16), cover.cpu())
 
 
 def test_vit_lite_parameter_count():
@@ -224,8 +275,8 @@ def test_unmasked_encoder_features_and_classifier():
     (dict(embed_dim=18, num_heads=6), "embed_dim 18 is not divisible by 4"),
     (dict(decoder_embed_dim=130, decoder_num_heads=5), 'decoder_embed_dim 130 is not divisible by 4'),
     (dict(masking='grid'), "masking must be 'random' or 'block'"),
-    (dict(mask_ratio=1.0), r"mask ratio must be in \(0, 1\), got 1.0"),
-    (dict(mask_ratio=0.0), r"mask ratio must be in \(0, 1\), got 0.0"),
+    (dict(mask_ratio=1.0), r"mask ratio \(--mask\) must be in \(0, 1\), got 1.0"),
+    (dict(mask_ratio=0.0), r"mask ratio \(--mask\) must be in \(0, 1\), got 0.0"),
 ])
 def test_bad_configs_fail_at_construction(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -234,7 +285,7 @@ def test_bad_configs_fail_at_construction(kw, msg):
 
 def test_bad_mask_ratio_and_unknown_preset(mae):
     for r in (0.0, 1.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r'mask ratio must be in \(0, 1\)'):
+        with pytest.raises(ValueError, match=r"mask ratio \(--mask\) must be in \(0, 1\)"):
             mae(torch.randn(1, 3, 32, 32), mask_ratio=r)
     with pytest.raises(ValueError, match='unknown model preset'):
         M.make_config('vit_huge_typo')
