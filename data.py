@@ -9,6 +9,7 @@ there, with per-(seed, epoch, step) generators so that any step can be reproduce
     python data.py bench --dataset synthetic --batch_size 1024 --device cuda
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -28,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import common  # save_atomic; common imports data only inside functions, so no import cycle
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -224,11 +223,16 @@ def _load_disk_split(name, split, data_dir, bbox):
             print(f'{cache} could not be read ({type(e).__name__}), rebuilding it')
     print(f'decoding {len(files)} {name}/{split} images into {cache} (once) ...')
     out = Split(_decode_all(root, files, boxes), torch.tensor(labels, dtype=torch.int64), list(classes))
+    tmp = f"{cache}.tmp.{os.getpid()}"  # written whole, then renamed: never a half-written cache
     try:
-        common.save_atomic(dict(version=CACHE_VERSION, signature=signature, images=out.images, labels=out.labels,
-                          classes=out.classes), cache)
-    except OSError as e:  # e.g. a read-only dataset folder: work without the cache
+        torch.save(dict(version=CACHE_VERSION, signature=signature, images=out.images, labels=out.labels,
+                        classes=out.classes), tmp)
+        os.replace(tmp, cache)
+    except OSError as e:  # e.g. a read-only dataset folder or a full disk: work without the cache
         print(f'warning: could not write {cache}: {e}', file=sys.stderr)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
     return out
 
 # -----------------------------------------------------------------------------
@@ -316,6 +320,14 @@ def load_split(name, split, data_dir='data', download=False, cub_bbox=False):
     if download and not os.path.isdir(os.path.join(data_dir, a['root'])):
         _fetch(name, data_dir)
     return _load_disk_split(name, split, data_dir, cub_bbox and name == 'cub')
+
+
+def subset(split, n, seed):
+    """A fixed random subset of n images of a Split (all of it when n is 0 or not smaller than the split)."""
+    if not n or n >= len(split.labels):
+        return split
+    idx = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Split(split.images[idx], split.labels[idx], split.classes)
 
 # -----------------------------------------------------------------------------
 # download and safe extraction
@@ -510,29 +522,38 @@ def _rand(shape, x, generator):
     return torch.rand(shape, generator=generator, device=x.device)
 
 
-def _warp(x, theta, padding_mode):
+@functools.lru_cache(maxsize=None)
+def _const(device, values, dtype=torch.float32):
+    """A constant tensor made once per device: building it at each call would copy host to device, which syncs."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _warp(x, theta, padding_mode, mode='bilinear'):
     """Per-sample affine warp; theta (N, 2, 3) maps output to input coordinates in [-1, 1]."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode='bilinear', padding_mode=padding_mode, align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
-def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """torchvision's RandomResizedCrop drawn per sample (10 tries, else the whole image), resampled bilinearly.
+def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=None, hflip=0.0):
+    """torchvision's RandomResizedCrop drawn per sample (10 tries, else the whole image), resampled bilinearly,
+    then mirrored with probability hflip (within the same resampling: one rand call and one grid_sample).
     Unlike torchvision, crop size and position are continuous rather than whole pixels."""
     N, _, H, W = x.shape
     tries = 10
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * _rand((N, tries), x, generator))
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand((N, tries), x, generator)
-    w, h = (area * log_r.exp()).sqrt(), (area / log_r.exp()).sqrt()
+    u = _rand((N, 2 * tries + 3), x, generator)  # per sample: tries areas, tries ratios, centre x, y, flip
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :tries])  # (N, tries) in pixels
+    r = (math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, tries:2 * tries]).exp()
+    w, h = (area * r).sqrt(), (area / r).sqrt()
     ok = (w <= W) & (h <= H)
-    first = ok.float().argmax(1, keepdim=True)  # index of the first try that fits
-    w = torch.where(ok.any(1), w.gather(1, first)[:, 0], torch.full_like(w[:, 0], W))
-    h = torch.where(ok.any(1), h.gather(1, first)[:, 0], torch.full_like(h[:, 0], H))
-    cx = w / 2 + (W - w) * _rand(N, x, generator)  # crop centre in pixels
-    cy = h / 2 + (H - h) * _rand(N, x, generator)
-    zero = torch.zeros_like(w)
-    theta = torch.stack([torch.stack([w / W, zero, 2 * cx / W - 1], 1),
-                         torch.stack([zero, h / H, 2 * cy / H - 1], 1)], 1)  # (N, 2, 3)
+    first = ok.byte().argmax(1, keepdim=True)  # index of the first try that fits
+    fits = ok.any(1)
+    sw = torch.where(fits, w.gather(1, first)[:, 0] / W, 1.0)  # crop size as a fraction of the image, (N,)
+    sh = torch.where(fits, h.gather(1, first)[:, 0] / H, 1.0)
+    pos = 2 * u[:, 2 * tries:] - 1  # (N, 3) in [-1, 1]
+    tx, ty = (1 - sw) * pos[:, 0], (1 - sh) * pos[:, 1]  # crop centre, anywhere that keeps the crop inside
+    sx = torch.where(pos[:, 2] < 2 * hflip - 1, -sw, sw)  # mirroring = negating the x scale
+    zero = torch.zeros_like(sw)
+    theta = torch.stack([sx, zero, tx, zero, sh, ty], 1).view(N, 2, 3)  # (N, 6) -> (N, 2, 3)
     return _warp(x, theta, 'border')
 
 
@@ -542,130 +563,180 @@ def random_hflip(x, p=0.5, generator=None):
 
 
 def _gray(x):  # (N, 1, H, W), ITU-R 601-2 luma as in torchvision
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return (x * _const(x.device, (0.2989, 0.587, 0.114)).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _blend(img, other, factor):  # factor (N, 1, 1, 1): 1 = img, 0 = other
     return (factor * img + (1 - factor) * other).clamp(0, 1)
 
 
+def _smooth_delta(x):
+    """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) minus x; 0 on the border, which PIL leaves alone."""
+    inner = x[..., 1:-1, 1:-1]
+    return F.pad((F.avg_pool2d(x, 3, stride=1) - inner) * (9 / 13), (1, 1, 1, 1))
+
+
+def _sharpness(x, factor):  # blend with the smoothed image: factor * x + (1 - factor) * smooth
+    return (x + (1 - factor) * _smooth_delta(x)).clamp(0, 1)
+
+# The level ops (equalize, autocontrast, posterize, solarize) are per-channel look-up tables on 256 levels, as in
+# PIL (the usual input of torchvision's RandAugment), so that a batch applies whichever each sample drew in one gather.
+
+
+def _levels(x):  # float (N, C, H, W) in [0, 1] -> int64 (N, C, H*W) on 256 levels, as a uint8 image
+    N, C, H, W = x.shape
+    return (x * 255).round().long().reshape(N, C, H * W)
+
+
+def _apply_lut(lut, q, shape):  # lut (N, C or 1, 256), q (N, C, H*W) levels -> float `shape` (N, C, H, W)
+    return lut.expand(*q.shape[:2], 256).gather(2, q).view(shape).float() / 255
+
+
+def _equalize_lut(q, hi):
+    """PIL's / torchvision's histogram equalisation of levels q (N, C, H*W) with maximum hi (N, C, 1) -> (N, C, 256)."""
+    hist = torch.zeros(*q.shape[:2], 256, dtype=torch.long, device=q.device).scatter_add_(2, q, torch.ones_like(q))
+    step = (q.shape[2] - hist.gather(2, hi)) // 255  # pixels below the highest level in use, per output level
+    lut = ((hist.cumsum(2) - hist + step // 2) // step.clamp(min=1)).clamp(max=255)
+    return torch.where(step > 0, lut, torch.arange(256, device=q.device))  # step 0: nothing to equalise
+
+
+def _autocontrast_lut(lo, hi):
+    """PIL's autocontrast (cutoff 0): each channel's range [lo, hi] (N, C, 1) stretched to [0, 255] -> (N, C, 256)."""
+    levels = torch.arange(256, device=lo.device)
+    lut = ((levels - lo) * 255 // (hi - lo).clamp(min=1)).clamp(0, 255)  # exact integers, truncated like PIL
+    return torch.where(hi > lo, lut, levels)  # constant channels stay as they are
+
+
 def _autocontrast(x):
-    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-    flat = hi <= lo  # constant channels stay as they are
-    return ((x - torch.where(flat, 0, lo)) / torch.where(flat, 1, hi - lo)).clamp(0, 1)
+    q = _levels(x)
+    lo, hi = q.aminmax(dim=2, keepdim=True)
+    return _apply_lut(_autocontrast_lut(lo, hi), q, x.shape)
 
 
 def _equalize(x):
-    """Per-image, per-channel histogram equalisation on 256 levels (PIL's / torchvision's algorithm)."""
-    N, C, H, W = x.shape
-    q = (x * 255).round().long().view(N * C, H * W)
-    hist = torch.zeros(N * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, q, torch.ones_like(q))
-    levels = torch.arange(256, device=x.device).expand_as(hist)
-    last = torch.where(hist > 0, levels, 0).amax(1, keepdim=True)  # highest level in use
-    step = (H * W - hist.gather(1, last)) // 255
-    lut = ((hist.cumsum(1) - hist + step // 2) // step.clamp(min=1)).clamp(max=255)
-    out = torch.where(step > 0, lut.gather(1, q), q)  # step 0: nothing to equalise
-    return out.view(N, C, H, W).float() / 255
-
-
-def _sharpness(x, factor):
-    # blend with PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13), which leaves border pixels alone
-    blurred = x.clone()
-    blurred[..., 1:-1, 1:-1] = (9 * F.avg_pool2d(x, 3, stride=1) + 4 * x[..., 1:-1, 1:-1]) / 13
-    return _blend(x, blurred, factor)
+    q = _levels(x)
+    return _apply_lut(_equalize_lut(q, q.amax(2, keepdim=True)), q, x.shape)
 
 
 RA_OPS = ('identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize', 'contrast',
           'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
+_RA_KIND = {'posterize': 1, 'solarize': 1, 'equalize': 2, 'autocontrast': 3}  # else 0: blend formula (or x)
 
 
-def rand_augment(x, num_ops=2, magnitude=9, generator=None, num_bins=31):
-    """torchvision's RandAugment (14 ops, magnitudes on num_bins bins, black fill), but each sample draws its own
-    ops and signs. At magnitude 9 of 31: rotate 9 deg, shear 0.09, translate 8 px at 64, colour factors
-    1 +- 0.27, posterize to 7 bits, solarize above 0.7. Geometric ops share one grid_sample per round."""
-    N, _, H, W = x.shape
-    m = magnitude / (num_bins - 1)  # fraction of each op's maximum
-    shift_x, shift_y = 2 * int(150 / 331 * W * m) / W, 2 * int(150 / 331 * H * m) / H  # whole pixels, normalised
+def _ra_theta(name, s, m, H, W):
+    """Affine map (output -> input, normalised coords, row-major 2x3) of a geometric op, the identity otherwise.
+    Shears are about the top-left corner as in torchvision, translations whole pixels."""
+    a = math.radians(30 * m) * s if name == 'rotate' else 0.0
+    sx, sy = (0.3 * m * s if name == n else 0.0 for n in ('shear_x', 'shear_y'))
+    tx = -2 * int(150 / 331 * W * m) / W * s if name == 'translate_x' else 0.0  # content moves by +s pixels
+    ty = -2 * int(150 / 331 * H * m) / H * s if name == 'translate_y' else 0.0
+    cos, sin = math.cos(a), math.sin(a)
+    return (cos, (sx - sin) * H / W, sx * H / W + tx, (sin + sy) * W / H, cos, sy * W / H + ty)
+
+
+def _ra_blend(name, s, m):
+    """(a, w_gray, w_mean, w_smooth) of clamp(a x + w_gray gray + w_mean mean(gray) + w_smooth smooth_delta):
+    torchvision's blend f x + (1 - f) other with other gray, mean gray, black or smoothed x; x for the other ops."""
+    f = 1 + 0.9 * m * s
+    return {'color': (f, 1 - f, 0, 0), 'contrast': (f, 0, 1 - f, 0), 'brightness': (f, 0, 0, 0),
+            'sharpness': (1, 0, 0, 1 - f)}.get(name, (1, 0, 0, 0))
+
+
+def _ra_lut(name, m, magnitude, num_bins):
+    """Posterize's and solarize's fixed look-up table on 256 levels, the identity for the other ops."""
     step = 2 ** int(round(magnitude / ((num_bins - 1) / 4)))  # posterize: keep 8 - log2(step) bits
-    for _ in range(num_ops):
-        op = torch.randint(len(RA_OPS), (N,), generator=generator, device=x.device)
-        sign = 1 - 2 * (_rand(N, x, generator) < 0.5).float()  # (N,) +-1
+    if name == 'posterize':
+        return tuple(v // step * step for v in range(256))
+    if name == 'solarize':
+        return tuple(255 - v if v >= 255 * (1 - m) else v for v in range(256))
+    return tuple(range(256))
 
-        def pick(name, value):  # (N,) value for the samples that drew op `name`, 0 for the others
-            return torch.where(op == RA_OPS.index(name), value, torch.zeros_like(value))
-        # geometric ops as one affine map (output -> input, normalised coords), the identity for colour ops
-        a = pick('rotate', sign * math.radians(30 * m))
-        sx, sy = pick('shear_x', sign * 0.3 * m), pick('shear_y', sign * 0.3 * m)  # about the top-left corner
-        tx, ty = pick('translate_x', sign * shift_x), pick('translate_y', sign * shift_y)
-        cos, sin = a.cos(), a.sin()
-        theta = torch.stack([torch.stack([cos, (sx - sin) * H / W, sx * H / W + tx], 1),
-                             torch.stack([(sin + sy) * W / H, cos, sy * W / H + ty], 1)], 1)  # (N, 2, 3)
-        x = _warp(x, theta, 'zeros')
-        # colour ops: each is computed for the whole batch (no host sync), each sample keeps the one it drew
-        factor = (1 + 0.9 * m * sign).view(N, 1, 1, 1)
-        candidates = {
-            'autocontrast': lambda: _autocontrast(x),
-            'equalize': lambda: _equalize(x),
-            'solarize': lambda: torch.where(x >= 1 - m, 1 - x, x),
-            'color': lambda: _blend(x, _gray(x), factor),
-            'posterize': lambda: torch.floor((x * 255).round() / step) * step / 255,
-            'contrast': lambda: _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), factor),
-            'brightness': lambda: _blend(x, torch.zeros_like(x), factor),
-            'sharpness': lambda: _sharpness(x, factor),
-        }
-        out = x
-        for name, fn in candidates.items():
-            out = torch.where((op == RA_OPS.index(name)).view(N, 1, 1, 1), fn(), out)
-        x = out
+
+@functools.lru_cache(maxsize=None)
+def _ra_tables(device, ops, H, W, magnitude, num_bins):
+    """RandAugment's ops at one magnitude as table rows, row 2 * i + (sign < 0) for ops[i], so that a batch looks
+    up its draws in one index op; made once per device and shape.
+    -> params (2 * len(ops), 11) float: theta (6), blend (4), kind; luts (2 * len(ops), 256) int64"""
+    m = magnitude / (num_bins - 1)  # fraction of each op's maximum
+    rows = [(name, s) for name in ops for s in (1, -1)]
+    params = [_ra_theta(n, s, m, H, W) + _ra_blend(n, s, m) + (_RA_KIND.get(n, 0),) for n, s in rows]
+    luts = [_ra_lut(n, m, magnitude, num_bins) for n, _ in rows]
+    return torch.tensor(params, dtype=torch.float32, device=device), torch.tensor(luts, device=device)
+
+
+def _ra_colour(x, p, lut):
+    """Each sample's colour op of one RandAugment round, from its table rows p (N, 5) and lut (N, 256). Every
+    formula runs on the whole batch (no host sync, a fixed number of kernels); each sample keeps its own."""
+    N = len(x)
+    a, w_gray, w_mean, w_smooth, kind = p.reshape(N, 5, 1, 1, 1).unbind(1)  # each (N, 1, 1, 1)
+    gray = _gray(x)
+    blend = torch.addcmul(a * x, w_gray, gray)
+    blend = torch.addcmul(blend, w_mean, gray.mean((2, 3), keepdim=True))
+    blend = torch.addcmul(blend, w_smooth, _smooth_delta(x)).clamp(0, 1)
+    q = _levels(x)  # (N, C, H*W)
+    lo, hi = q.aminmax(dim=2, keepdim=True)  # (N, C, 1) each
+    kind = kind.view(N, 1, 1)  # _RA_KIND: 2 equalize, 3 autocontrast, 1 the row's own lut, 0 the blend
+    lut = torch.where(kind == 2, _equalize_lut(q, hi), lut.view(N, 1, 256))  # (N, C, 256)
+    lut = torch.where(kind == 3, _autocontrast_lut(lo, hi), lut)
+    return torch.where(kind.view(N, 1, 1, 1) > 0, _apply_lut(lut, q, x.shape), blend)
+
+
+def rand_augment(x, num_ops=2, magnitude=9, generator=None, num_bins=31, ops=RA_OPS):
+    """torchvision's RandAugment (14 ops, magnitudes on num_bins bins, nearest resampling, black fill), but each
+    sample draws its own ops and signs (from `ops`). At magnitude 9 of 31: rotate 9 deg, shear 0.09, translate 8 px
+    at 64, colour factors 1 +- 0.27, posterize to 7 bits, solarize above 0.7. Whatever the batch and the draws, a
+    round costs the same few kernels: one table look-up, one grid_sample, one blend and one look-up table gather."""
+    N, _, H, W = x.shape
+    params, luts = _ra_tables(x.device, tuple(ops), H, W, magnitude, num_bins)
+    rows = (_rand((num_ops, N), x, generator) * len(params)).long()  # (num_ops, N) table row of each round
+    for r in rows:
+        p = params[r]  # (N, 11)
+        x = _warp(x, p[:, :6].view(N, 2, 3), 'zeros', mode='nearest')  # (N, 6) -> (N, 2, 3)
+        x = _ra_colour(x, p[:, 6:], luts[r])
     return x
 
 
 def pretrain_augment(x, generator=None):
-    return random_hflip(random_resized_crop(x, (0.2, 1.0), generator=generator), generator=generator)
+    return random_resized_crop(x, (0.2, 1.0), generator=generator, hflip=0.5)
 
 
 def finetune_augment(x, generator=None):
-    x = random_hflip(random_resized_crop(x, (0.08, 1.0), generator=generator), generator=generator)
+    x = random_resized_crop(x, (0.08, 1.0), generator=generator, hflip=0.5)
     return rand_augment(x, 2, 9, generator=generator)
 
 
-def _beta(alpha, generator, device, tries=64):
-    """One Beta(alpha, alpha) draw on the device (Johnk's rejection method), no host sync. -> (1,)"""
-    u = torch.rand(2, tries, generator=generator, device=device)
-    a, b = u[0] ** (1 / alpha), u[1] ** (1 / alpha)
-    ok = (a + b <= 1) & (a + b > 0)  # accepted with probability >= 0.5 for alpha <= 1: 64 tries never all fail
-    return (a / (a + b).clamp(min=1e-12)).gather(0, ok.float().argmax().view(1))
+def _mix_draw(seed, H, W, mixup_alpha, cutmix_alpha, switch_prob):
+    """timm's per-batch draws, on the host from np.random.default_rng(seed): the mixup-or-cutmix switch, lambda
+    ~ Beta(alpha, alpha) and the cutmix box. -> (lam, box): box (y0, y1, x0, x1) for cutmix, None for mixup."""
+    rng = np.random.default_rng(seed)
+    use_cutmix = rng.random() < switch_prob if mixup_alpha > 0 and cutmix_alpha > 0 else cutmix_alpha > 0
+    if not use_cutmix:
+        return (float(rng.beta(mixup_alpha, mixup_alpha)) if mixup_alpha > 0 else 1.0), None
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+    # box with sides sqrt(1 - lam) of the image around a random centre, clipped at the border (timm's rand_bbox)
+    cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(H)), int(rng.integers(W))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+    return 1 - (y1 - y0) * (x1 - x0) / (H * W), (y0, y1, x0, x1)  # lambda corrected for the clipped box
 
 
 def mixup_cutmix(x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.0,
-                 generator=None):
-    """timm-style batch Mixup/CutMix: one lambda per batch, sample i mixed with sample N-1-i.
-    -> (x_mixed, soft targets (N, num_classes)). Everything stays on the device (no host sync)."""
-    N, _, H, W = x.shape
-    dev = x.device
-    if mixup_alpha > 0 and cutmix_alpha > 0:
-        use_cutmix = _rand(1, x, generator) < switch_prob
-    else:
-        use_cutmix = torch.full((1,), cutmix_alpha > 0, device=dev)
-    lam_mix = _beta(mixup_alpha, generator, dev) if mixup_alpha > 0 else torch.ones(1, device=dev)
-    lam_cut = _beta(cutmix_alpha, generator, dev) if cutmix_alpha > 0 else torch.ones(1, device=dev)
-    # cutmix box: sides sqrt(1 - lam) of the image, random centre, clipped at the border (timm's rand_bbox)
-    cut_h, cut_w = (H * (1 - lam_cut).sqrt()).floor(), (W * (1 - lam_cut).sqrt()).floor()
-    cy = torch.randint(0, H, (1,), generator=generator, device=dev)
-    cx = torch.randint(0, W, (1,), generator=generator, device=dev)
-    y0, y1 = (cy - cut_h // 2).clamp(0, H), (cy + cut_h // 2).clamp(0, H)
-    x0, x1 = (cx - cut_w // 2).clamp(0, W), (cx + cut_w // 2).clamp(0, W)
-    ys, xs = torch.arange(H, device=dev).view(H, 1), torch.arange(W, device=dev).view(1, W)
-    box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)  # (H, W)
-    lam_box = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # lambda corrected for the clipped box
+                 seed=0):
+    """timm-style batch Mixup/CutMix: one lambda per batch, sample i mixed with sample N-1-i, label smoothing
+    folded into the soft targets. The draws are host floats from `seed` (as in timm), so this costs a handful of
+    device ops and no host sync. -> (x_mixed, soft targets (N, num_classes))"""
+    lam, box = _mix_draw(seed, x.shape[2], x.shape[3], mixup_alpha, cutmix_alpha, switch_prob)
     x_flip = x.flip(0)
-    x_cut = torch.where(box, x_flip, x)
-    x_mix = x * lam_mix.view(1, 1, 1, 1) + x_flip * (1 - lam_mix.view(1, 1, 1, 1))
-    x_out = torch.where(use_cutmix.view(1, 1, 1, 1), x_cut, x_mix)
-    lam = torch.where(use_cutmix, lam_box, lam_mix).view(1, 1)
+    if box is None:
+        x = torch.lerp(x_flip, x, lam)  # lam * x + (1 - lam) * x_flip, exactly x at lam 1
+    else:
+        y0, y1, x0, x1 = box
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x_flip[..., y0:y1, x0:x1]
     off = label_smoothing / num_classes
-    t = F.one_hot(y, num_classes).float() * (1 - label_smoothing) + off
-    return x_out, lam * t + (1 - lam) * t.flip(0)
+    t = torch.full((len(y), num_classes), off, device=x.device).scatter_(1, y.view(-1, 1), 1 - label_smoothing + off)
+    return x, torch.lerp(t.flip(0), t, lam)
 
 # -----------------------------------------------------------------------------
 # command line: download and loader benchmark
