@@ -1,22 +1,27 @@
 """
-Throughput benchmarks, each timing the real thing after warm-up:
-- pre-training: pretrain.py's own loop in its benchmark mode (data gathered from the on-device dataset,
-  masks, forward, backward, fused AdamW), for each batch size;
+Throughput benchmarks, each configuration timed in a process of its own (so every figure is the static,
+freshly compiled graph a real run uses, never a recompiled symbolic-shape one), after warm-up:
+- pre-training: pretrain.py's own loop in its benchmark mode (data gathered from the on-device dataset, masks,
+  forward, backward, fused AdamW), for each batch size;
 - the SMAE step (critic included) against the MAE step, as a ratio;
-- fine-tuning: finetune.py's loop with per-sample RandAugment on the GPU, beside the loader+augmentation alone;
-- the transformers ViTMAEForPreTraining peer with the same configuration, in the same run, when installed.
+- fine-tuning: finetune.py's loop with per-sample RandAugment (and mixup/cutmix), beside the loader and its
+  augmentation alone;
+- transformers' ViTMAEForPreTraining with the same configuration, under the same compile mode as ours, fed the
+  same way, when transformers is installed.
 
-    python bench.py                                   # the paper's model at batch 128 and 1024 on the GPU
+    python bench.py                                   # the study's model at batch 128 and 1024 on the GPU
     python bench.py --batch_sizes 128 --steps 300 --peer false
     python bench.py --device cpu --steps 3 --warmup 1 --img_size 32 --patch_size 8 --batch_sizes 32   # smoke test
 
-Prints one line per measurement and a Markdown table; writes <out_dir>/bench.json.
+Prints one line per measurement and a Markdown table; <out_dir>/bench.json is rewritten after every measurement.
 """
-import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -34,26 +39,166 @@ patch_size = 0              # 0 = the preset's
 mask = 0.75                 # mask ratio
 dataset = 'synthetic'       # data the loop reads (synthetic: 100k random TIN-sized images, no download)
 data_dir = 'data'           # for dataset tin/cub
-device = 'auto'             # auto | cuda | cpu
+device = 'auto'             # auto | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast dtype on CUDA
 compile = True              # torch.compile (CUDA only)
-compile_mode = 'reduce-overhead'  # pretrain.py's default: CUDA graphs
+compile_mode = 'reduce-overhead'  # pretrain.py's default: CUDA graphs; the peer is compiled the same way
 smae = True                 # also time the SMAE step (alpha 0.5, a SqueezeNet critic) and report the ratio
-finetune = True             # also time finetune.py's step and the loader with RandAugment
+finetune = True             # also time finetune.py's step (RandAugment + mixup/cutmix) and the loader alone
 peer = True                 # also time transformers' ViTMAEForPreTraining (if installed)
+only = ''                   # internal: 'peer' or 'loader' times that one measurement in this process (bench.py runs itself)
 out_dir = 'out/bench'       # bench.json goes here
 # -----------------------------------------------------------------------------
 
 
-def common_args(cfg, tmp, batch):
-    args = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
-            '--dtype', cfg.dtype, '--compile', str(cfg.compile), '--batch_size', str(batch),
-            '--bench_steps', str(cfg.steps), '--bench_warmup', str(cfg.warmup), '--out_dir', tmp]
-    if cfg.img_size:
-        args += ['--img_size', str(cfg.img_size)]
-    if cfg.patch_size:
-        args += ['--patch_size', str(cfg.patch_size)]
-    return args
+def measure(script, args, timeout=900):
+    """Run `python script args` in a fresh process and return the figures of its BENCH_JSON line (None on failure,
+    with the reason printed: one configuration failing does not lose the others)."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + [str(a) for a in args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {script} {' '.join(map(str, args))}: timed out after {timeout}s")
+        return None
+    for line in done.stdout.splitlines():
+        if line.startswith('BENCH_JSON '):
+            return json.loads(line[len('BENCH_JSON '):])
+    print(f"  {script} {args[-1] if script == 'bench.py' else ''} failed (exit {done.returncode}): "
+          f"{(done.stderr or done.stdout).strip()[-400:]}")
+    return None
+
+
+def time_transformers_peer(cfg, batch, run):
+    """transformers' ViTMAEForPreTraining with the same configuration, fed the same way (uint8 dataset on the device,
+    gathered and normalised per step), bf16 autocast, fused AdamW, torch.compile in the same mode as ours."""
+    try:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    except ImportError:
+        raise common.UserError("transformers is not installed: the peer is not timed (pip install transformers)") from None
+    mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None)
+    hf_cfg = ViTMAEConfig(hidden_size=mcfg.embed_dim, num_hidden_layers=mcfg.depth, num_attention_heads=mcfg.num_heads,
+                          intermediate_size=int(mcfg.embed_dim * mcfg.mlp_ratio), decoder_hidden_size=mcfg.decoder_embed_dim,
+                          decoder_num_hidden_layers=mcfg.decoder_depth, decoder_num_attention_heads=mcfg.decoder_num_heads,
+                          decoder_intermediate_size=int(mcfg.decoder_embed_dim * mcfg.decoder_mlp_ratio),
+                          image_size=mcfg.img_size, patch_size=mcfg.patch_size, mask_ratio=cfg.mask, norm_pix_loss=False,
+                          layer_norm_eps=1e-6, attn_implementation='sdpa')
+    dev = run.device
+    net = ViTMAEForPreTraining(hf_cfg).to(dev).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.15, **(dict(fused=True) if run.cuda else {}))
+    mode = common.compile_mode(SimpleNamespace(compile=cfg.compile, compile_mode=cfg.compile_mode, accum_steps=1), run)
+    step_net = torch.compile(net, mode=mode) if mode else net
+    images = data.load_split(cfg.dataset, 'train', cfg.data_dir).images.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def one_step():
+        idx = torch.randint(0, images.shape[0], (batch,), device=dev, generator=gen)
+        x = data.normalize(images[idx])
+        if x.shape[-1] != mcfg.img_size:
+            x = torch.nn.functional.interpolate(x, size=mcfg.img_size, mode='bilinear', antialias=True)
+        if mode in ('reduce-overhead', 'max-autotune'):
+            torch.compiler.cudagraph_mark_step_begin()
+        with run.autocast:
+            loss = step_net(pixel_values=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(cfg.warmup):
+        one_step()
+    t0 = common.bench_start(run)
+    for _ in range(cfg.steps):
+        one_step()
+    if run.cuda:
+        torch.cuda.synchronize()
+    return dict(label=f"transformers ViTMAEForPreTraining ({mode or 'eager'})", images_per_s=cfg.steps * batch / (time.perf_counter() - t0),
+                batch_size=batch)
+
+
+def loader_rate(cfg, batch, run):
+    """images/s of the DeviceLoader with the fine-tuning augmentation and mixup/cutmix alone (no model)."""
+    split = data.load_split(cfg.dataset, 'train', cfg.data_dir)
+    size = cfg.img_size or M.make_config(cfg.model).img_size
+    loader = data.DeviceLoader(split, batch_size=batch, device=run.device, img_size=size, augment=data.finetune_augment)
+    n, t0 = 0, None
+    for step, micro in loader.epoch(0):
+        x, y = micro[0]
+        data.mixup_cutmix(x, y, split.num_classes, 0.8, 1.0, 0.5, 0.0, seed=step)
+        if step == cfg.warmup:        # batches before this one are warm-up
+            t0 = common.bench_start(run)
+        elif t0 is not None:
+            n += batch
+            if step == cfg.warmup + cfg.steps:
+                break
+    if run.cuda:
+        torch.cuda.synchronize()
+    return dict(label='loader + RandAugment + mixup/cutmix', images_per_s=n / (time.perf_counter() - t0), batch_size=batch)
+
+
+def main(argv=None):
+    cfg, _ = common.configure(globals(), argv)
+    if cfg.only:  # one measurement, in this fresh process
+        cfg.out_dir = tempfile.mkdtemp()
+        with common.Run(cfg, 'bench', lock=False, training=False) as run:
+            fn = {'peer': time_transformers_peer, 'loader': loader_rate}[cfg.only]
+            result = fn(cfg, int(cfg.batch_sizes), run)
+        print("BENCH_JSON " + json.dumps(result))
+        return 0
+    dev = torch.device('cuda' if cfg.device == 'auto' and torch.cuda.is_available() else
+                       'cpu' if cfg.device == 'auto' else cfg.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
+    print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, compile "
+          f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    results, report = [], dict(device=name, torch=torch.__version__, config=vars(cfg), results=[])
+    with tempfile.TemporaryDirectory() as tmp:
+        critic = critic_checkpoint(os.path.join(tmp, 'critic.pt')) if cfg.smae else None
+        for batch in [int(b) for b in cfg.batch_sizes.split(',') if b.strip()]:
+            row = dict(batch=batch)
+            results.append(row)
+            shared = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
+                      '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
+                      '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
+            loop = shared + ['--batch_size', batch, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup,
+                             '--out_dir', os.path.join(tmp, 'run')]
+            alone = shared + ['--batch_sizes', batch, '--steps', cfg.steps, '--warmup', cfg.warmup, '--mask', cfg.mask]
+            jobs = [('mae', 'pretrain.py', loop + ['--mask', cfg.mask])]
+            jobs += [('smae', 'pretrain.py', loop + ['--mask', cfg.mask, '--alpha', 0.5, '--critic', critic])] if cfg.smae else []
+            jobs += [('finetune', 'finetune.py', loop + ['--mixup', 0.8, '--cutmix', 1.0]),
+                     ('loader', 'bench.py', alone + ['--only', 'loader'])] if cfg.finetune else []
+            jobs += [('peer', 'bench.py', alone + ['--only', 'peer'])] if cfg.peer else []
+            for key, script, job_args in jobs:
+                row[key] = measure(script, job_args)
+                if row[key]:
+                    print(f"  batch {batch} {key}: {row[key]['images_per_s']:,.0f} images/s ({row[key].get('label', '')})", flush=True)
+                ratios(row)
+                report['results'] = results
+                common.save_atomic(json.dumps(report, indent=1, default=str), os.path.join(cfg.out_dir, 'bench.json'))
+    print(table(results))
+    return 0
+
+
+def ratios(row):
+    """The figures that compare: SMAE/MAE step time, loader/fine-tuning rate, ours/peer rate (where both exist)."""
+    get = lambda k: (row.get(k) or {}).get('images_per_s')  # noqa: E731
+    if get('mae') and get('smae'):
+        row['smae_step_ratio'] = get('mae') / get('smae')
+    if get('finetune') and get('loader'):
+        row['loader_over_finetune'] = get('loader') / get('finetune')
+    if get('mae') and get('peer'):
+        row['ratio_vs_peer'] = get('mae') / get('peer')
+
+
+def table(results):
+    f = lambda v, spec, unit='': format(v, spec) + unit if v is not None else 'n/a'  # noqa: E731
+    lines = ["| batch | MAE images/s | step ms | MFU | peak mem | SMAE/MAE step | fine-tune images/s | loader/fine-tune | "
+             "ViTMAE (transformers) | ours / ViTMAE |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mae = r.get('mae') or {}
+        lines.append(f"| {r['batch']} | {f(mae.get('images_per_s'), ',.0f')} | {f(mae.get('step_ms'), '.2f')} | "
+                     f"{f(mae.get('mfu') and 100 * mae['mfu'], '.1f', '%')} | {f(mae.get('peak_mem_gb'), '.2f', ' GB')} | "
+                     f"{f(r.get('smae_step_ratio'), '.2f', 'x')} | {f((r.get('finetune') or {}).get('images_per_s'), ',.0f')} | "
+                     f"{f(r.get('loader_over_finetune'), '.1f', 'x')} | {f((r.get('peer') or {}).get('images_per_s'), ',.0f')} | "
+                     f"{f(r.get('ratio_vs_peer'), '.2f', 'x')} |")
+    return "\n".join(lines)
 
 
 def critic_checkpoint(path):
@@ -62,116 +207,6 @@ def critic_checkpoint(path):
     common.save_atomic({'kind': 'finetune', 'model': net.state_dict(), 'model_config': {'num_classes': 200},
                         'config': {'arch': 'squeezenet'}, 'step': 0}, path)
     return path
-
-
-def time_transformers_peer(cfg, batch, dev):
-    """transformers' ViTMAEForPreTraining with the same configuration, fed the same way (uint8 dataset on the device,
-    gathered and normalised per step), bf16 autocast, fused AdamW, torch.compile (default mode)."""
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-    mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None)
-    hf_cfg = ViTMAEConfig(hidden_size=mcfg.embed_dim, num_hidden_layers=mcfg.depth, num_attention_heads=mcfg.num_heads,
-                          intermediate_size=int(mcfg.embed_dim * mcfg.mlp_ratio), decoder_hidden_size=mcfg.decoder_embed_dim,
-                          decoder_num_hidden_layers=mcfg.decoder_depth, decoder_num_attention_heads=mcfg.decoder_num_heads,
-                          decoder_intermediate_size=int(mcfg.decoder_embed_dim * mcfg.decoder_mlp_ratio),
-                          image_size=mcfg.img_size, patch_size=mcfg.patch_size, mask_ratio=cfg.mask, norm_pix_loss=False,
-                          layer_norm_eps=1e-6, attn_implementation='sdpa')
-    net = ViTMAEForPreTraining(hf_cfg).to(dev).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.15,
-                            **(dict(fused=True) if dev.type == 'cuda' else {}))
-    step_net = torch.compile(net) if (cfg.compile and dev.type == 'cuda') else net
-    images = data.load_split(cfg.dataset, 'train', cfg.data_dir).images.to(dev)
-    ctx = torch.autocast('cuda', dtype=getattr(torch, cfg.dtype)) if dev.type == 'cuda' else contextlib.nullcontext()
-    gen = torch.Generator(device=dev).manual_seed(0)
-
-    def one_step():
-        idx = torch.randint(0, images.shape[0], (batch,), device=dev, generator=gen)
-        x = data.normalize(images[idx])
-        if x.shape[-1] != mcfg.img_size:
-            x = torch.nn.functional.interpolate(x, size=mcfg.img_size, mode='bilinear', antialias=True)
-        with ctx:
-            loss = step_net(pixel_values=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(cfg.warmup):
-        one_step()
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(cfg.steps):
-        one_step()
-    sync()
-    return cfg.steps * batch / (time.perf_counter() - t0)
-
-
-def main(argv=None):
-    import finetune
-    import pretrain
-    cfg, _ = common.parse_config(common.script_defaults(globals()), argv)
-    dev = torch.device('cuda' if (cfg.device == 'auto' and torch.cuda.is_available()) else
-                       ('cpu' if cfg.device == 'auto' else cfg.device))
-    name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
-    print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, "
-          f"compile {cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up")
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        critic = critic_checkpoint(os.path.join(tmp, 'critic.pt')) if cfg.smae else None
-        for batch in [int(b) for b in cfg.batch_sizes.split(',') if b.strip()]:
-            row = dict(batch=batch)
-            args = common_args(cfg, os.path.join(tmp, 'run'), batch)
-            row['mae'] = pretrain.main(args + ['--mask', str(cfg.mask), '--compile_mode', cfg.compile_mode])
-            if cfg.smae:
-                row['smae'] = pretrain.main(args + ['--mask', str(cfg.mask), '--compile_mode', cfg.compile_mode,
-                                                    '--alpha', '0.5', '--critic', critic])
-                row['smae_step_ratio'] = row['smae']['step_ms'] / row['mae']['step_ms']
-                print(f"  SMAE step / MAE step: {row['smae_step_ratio']:.2f}x")
-            if cfg.finetune:
-                row['finetune'] = finetune.main(args + ['--compile_mode', cfg.compile_mode])
-                row['loader_finetune_augment'] = loader_rate(cfg, batch, dev)
-                print(f"  loader + RandAugment alone: {row['loader_finetune_augment']:,.0f} images/s "
-                      f"({row['loader_finetune_augment'] / row['finetune']['images_per_s']:.1f}x what fine-tuning consumes)")
-            if cfg.peer:
-                try:
-                    row['peer_images_per_s'] = time_transformers_peer(cfg, batch, dev)
-                    row['ratio_vs_peer'] = row['mae']['images_per_s'] / row['peer_images_per_s']
-                    print(f"  transformers ViTMAEForPreTraining: {row['peer_images_per_s']:,.0f} images/s -> ours is "
-                          f"{row['ratio_vs_peer']:.2f}x")
-                except ImportError:
-                    print("  transformers is not installed: peer not timed")
-            results.append(row)
-    print("\n| batch | MAE images/s | step ms | MFU | peak mem | SMAE/MAE step | fine-tune images/s | ViTMAE (transformers) | ours / ViTMAE |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        mae = r['mae']
-        f = lambda v, fmt: (fmt.format(v) if v is not None else 'n/a')  # noqa: E731
-        print(f"| {r['batch']} | {mae['images_per_s']:,.0f} | {mae['step_ms']:.2f} | {f(mae['mfu'] and 100 * mae['mfu'], '{:.1f}%')} | "
-              f"{f(mae['peak_mem_gb'], '{:.2f} GB')} | {f(r.get('smae_step_ratio'), '{:.2f}x')} | "
-              f"{f(r.get('finetune', {}).get('images_per_s'), '{:,.0f}')} | {f(r.get('peer_images_per_s'), '{:,.0f}')} | "
-              f"{f(r.get('ratio_vs_peer'), '{:.2f}x')} |")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    common.write_text_atomic(json.dumps(dict(device=name, torch=torch.__version__, config=vars(cfg), results=results),
-                                        indent=1, default=str), os.path.join(cfg.out_dir, 'bench.json'))
-    return 0
-
-
-def loader_rate(cfg, batch, dev):
-    """images/s of the DeviceLoader with the fine-tuning augmentation alone (no model)."""
-    split = data.load_split(cfg.dataset, 'train', cfg.data_dir)
-    size = cfg.img_size or M.make_config(cfg.model).img_size
-    loader = data.DeviceLoader(split, batch_size=batch, device=dev, img_size=size, augment=data.finetune_augment)
-    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    start = min(cfg.warmup, 5)
-    n, t0 = 0, None
-    for step, micro in loader.epoch(0):
-        if step == start:        # batches before this one are warm-up
-            sync()
-            t0 = time.perf_counter()
-        elif t0 is not None:
-            n += micro[0][0].shape[0]
-            if step == start + cfg.steps:
-                break
-    sync()
-    return n / (time.perf_counter() - t0)
 
 
 if __name__ == '__main__':

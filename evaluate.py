@@ -1,34 +1,38 @@
 """
-Score a pre-training checkpoint the way the paper and the second seed do, and put the numbers beside theirs.
+Score a pre-training checkpoint the way the study and the second seed do, with a floor beside every number.
 
     python evaluate.py --ckpt out/pretrain/ckpt.pt                      # TIN val, + kNN on CUB when it is on disk
     python evaluate.py --ckpt out/pretrain/ckpt.pt --probe_epochs 0     # skip the linear probe
 
 Reconstruction (val split, masks fixed by --seed, the checkpoint's mask ratio and strategy unless overridden):
-PSNR and SSIM with scikit-image, LPIPS (AlexNet) with the lpips package, on the image whose visible patches come
-from the input and masked ones from the model, against the original; plus the masked-patch MSE in normalised
-pixels (the training loss, raw-pixel target). The same masks filled by two floors: the mean colour of the visible
-pixels, and interpolation from the visible pixels (normalised convolution, below).
-Representation: weighted kNN (DINO's: cosine, k=20, T=0.07) on the evaluated dataset and on a transfer dataset
-(CUB for a TIN checkpoint) with nothing trained, and the linear probe through probe.py with the paper's recipe.
-Writes <out_dir>/eval.json, eval.md (the table, also printed) and recon.png.
+PSNR and SSIM with scikit-image (SSIM with a Gaussian window, sigma 1.5, as in Wang et al. and most papers), LPIPS
+(AlexNet) with the lpips package, on the image whose visible patches come from the input and masked ones from the
+model, against the original; plus the masked-patch MSE (the MAE loss). Floors: the same masks filled with the mean
+colour of the visible pixels, and by interpolation from the visible pixels (normalised convolution).
+Representation: weighted kNN (DINO's: cosine, k=20, T=0.07) and the study's linear probe (probe.py's code), each
+beside two floors computed on the same split: a randomly initialised encoder of the same architecture, and raw
+pixels (the images at 32x32). kNN also on a transfer dataset (CUB for a TIN checkpoint) when it is on disk.
+Writes <out_dir>/eval.json, eval.md (the table, also printed) and recon.png; out_dir defaults to
+<checkpoint folder>/eval, and an evaluation of another checkpoint there is never overwritten.
 """
 import collections
 import contextlib
+import ctypes
 import io
 import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 import common
 import data
@@ -37,7 +41,7 @@ import probe
 
 # -----------------------------------------------------------------------------
 # config
-ckpt = ''                   # the pretrain.py checkpoint to score (required)
+ckpt = ''                   # the pretrain.py (or dino.py) checkpoint to score (required)
 dataset = ''                # tin | cub | demo | synthetic; '' = the checkpoint's pre-training dataset
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live
 download = False            # fetch a missing official archive into data_dir
@@ -52,22 +56,26 @@ workers = 0                 # processes for scikit-image's PSNR/SSIM; 0 = one pe
 knn_k = 20                  # neighbours of the weighted kNN (DINO)
 knn_temperature = 0.07      # vote weight exp(cosine / T) (DINO)
 pool = 'cls'                # feature for kNN and the probe: cls token | mean of the patch tokens
-probe_epochs = 50           # linear probe epochs (paper: 50); 0 = skip the probe
+probe_epochs = 50           # linear probe epochs (the study's: 50); 0 = skip the probe
 batch_size = 256            # evaluation batch
-device = 'auto'             # auto (cuda if available) | cuda | cpu
+device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast on CUDA for the model forwards: bfloat16 | float16 | float32; metrics in fp32
-seed = 0                    # fixes the masks and the probe's initialisation and order
-out_dir = 'out/eval'        # eval.json, eval.md, recon.png, log.jsonl
+seed = 0                    # fixes the masks, the random-init floor and the probe's initialisation and order
+out_dir = ''                # eval.json, eval.md, recon.png, log.jsonl; '' = <checkpoint folder>/eval
 # -----------------------------------------------------------------------------
 
 PSNR_CAP_DB = 100.0         # PSNR of an exact reconstruction is infinite; each image's PSNR is capped here
-PROBE_RECIPE = dict(warmup_epochs=2, batch_size=128, lr=1e-3, betas=(0.9, 0.95))  # PAPER.md section 3 (Adam, no wd)
-# PAPER.md section 1: linear probe top-1 on TIN by mask ratio (ViT-Lite-7/4, random masking, 200-epoch pre-train)
+PIXEL_FLOOR_SIZE = 32       # the raw-pixel representation floor: each image area-resized to 32x32, flattened
+PROBE_RECIPE = dict(warmup_epochs=2, batch_size=128, lr=1e-3, betas=(0.9, 0.95))  # the study's (Adam, no wd)
+# the study's linear probe top-1 on TIN by mask ratio (ViT-Lite-7/4, random masking, 200-epoch pre-training)
 PAPER_PROBE_TIN = {0.5: 31.32, 0.6: 32.03, 0.65: 32.32, 0.7: 30.58, 0.75: 32.04, 0.8: 31.66, 0.85: 29.61, 0.9: 28.14}
 SECOND_SEED = dict(psnr=23.08, ssim=0.6663)  # ViT-B/16, 75% random masking, TIN, 24 epochs
 KINDS = ('model', 'mean_colour_floor', 'interpolation_floor')  # the three images scored against the original
 KIND_NAMES = {'model': 'model (visible patches pasted)', 'mean_colour_floor': 'floor: mean colour of the visible pixels',
               'interpolation_floor': 'floor: interpolation from the visible pixels'}
+FEATURES = ('model', 'random_init_floor', 'pixel_floor')  # the three representations scored by kNN and the probe
+FEATURE_NAMES = {'model': 'model', 'random_init_floor': 'floor: random-init encoder, same architecture',
+                 'pixel_floor': f'floor: raw pixels at {PIXEL_FLOOR_SIZE}x{PIXEL_FLOOR_SIZE}'}
 
 
 # -----------------------------------------------------------------------------
@@ -81,19 +89,32 @@ def to_hwc(x):
 
 def image_metrics(pred01, target01):
     """Per-image PSNR (capped at PSNR_CAP_DB) and SSIM of (N, H, W, 3) float images in [0, 1]: scikit-image's
-    peak_signal_noise_ratio and structural_similarity with data_range 1, colour as channels (default 7x7 window)."""
+    peak_signal_noise_ratio and structural_similarity with data_range 1, colour as channels, and SSIM's usual
+    convention (Gaussian window sigma 1.5, population covariance: Wang et al. 2004)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     psnr, ssim = np.empty(len(pred01)), np.empty(len(pred01))
     for i in range(len(pred01)):
         with np.errstate(divide='ignore'):  # identical images: MSE 0, PSNR inf
             psnr[i] = min(peak_signal_noise_ratio(target01[i], pred01[i], data_range=1.0), PSNR_CAP_DB)
-        ssim[i] = structural_similarity(target01[i], pred01[i], data_range=1.0, channel_axis=-1)
+        ssim[i] = structural_similarity(target01[i], pred01[i], data_range=1.0, channel_axis=-1,
+                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     return psnr, ssim
 
 
 def _metrics_chunk(preds, target):
     """Pool task: {kind: (psnr sum, ssim sum)} for a chunk of images scored against the same originals."""
     return {kind: tuple(m.sum() for m in image_metrics(p, target)) for kind, p in preds.items()}
+
+
+def _die_with_parent():
+    """Pool worker initialiser: the kernel ends the worker when the evaluation process dies, whatever kills it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+
+
+# -----------------------------------------------------------------------------
+# LPIPS and the floors: the masked pixels filled without a model
 
 
 def load_lpips(device):
@@ -124,10 +145,6 @@ def load_lpips(device):
 def lpips_distance(lpips_net, pred01, target01):
     """Per-image LPIPS (N,) of (N, 3, H, W) images in [0, 1], fed to the network in [-1, 1], in float32."""
     return lpips_net(pred01.float() * 2 - 1, target01.float() * 2 - 1).flatten()
-
-
-# -----------------------------------------------------------------------------
-# floors: the masked pixels filled without a model
 
 
 def mean_colour_fill(img01, visible):
@@ -172,22 +189,22 @@ def interpolation_fill(img01, visible, sigma=1.0):
 def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips_net):
     """Averages over the split of PSNR / SSIM / LPIPS for the model and both floors, and the masked-patch MSE.
     The masks are one draw for the whole split from a generator seeded with cfg.seed, so they depend on (seed,
-    image index) only, not on the batch size. scikit-image runs in a process pool while the device computes on."""
+    image index) only, not on the batch size. scikit-image runs in a process pool while the device computes on;
+    the pool's workers end with this process, however it ends."""
     device, mc = run.device, mae.cfg
     mae.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     noise_all = mae.masking_noise(len(split.labels), mask_ratio, masking_kind, generator=g, device=device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     n_workers = cfg.workers or max(1, min(cores, 16) - 1)  # one core left for this process
-    executor = (ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context('spawn'))  # spawn: CUDA-safe
-                if n_workers > 1 else None)
-    pending = collections.deque()
+    pool = (multiprocessing.get_context('spawn').Pool(n_workers, initializer=_die_with_parent)  # spawn: CUDA-safe
+            if n_workers > 1 else None)
+    pending, progress = collections.deque(), common.Progress('reconstruction metrics', len(split.labels), run)
     sums = {kind: dict(psnr=0.0, ssim=0.0, lpips=0.0) for kind in KINDS}
-    mse_sum, mse_count, start = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    mse_sum, start = torch.zeros((), device=device, dtype=torch.float64), 0
 
-    def collect(future_or_result):
-        result = future_or_result.result() if executor else future_or_result
-        for kind, (psnr, ssim) in result.items():
+    def collect(result):
+        for kind, (psnr, ssim) in (result.get() if pool else result).items():
             sums[kind]['psnr'] += psnr
             sums[kind]['ssim'] += ssim
     try:
@@ -196,12 +213,9 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
             start += x.shape[0]
             with run.autocast:
                 _, pred, mask = mae(x, mask_ratio, noise=noise)
-            recon, pasted = mae.reconstruct(x, pred, mask)                # normalised space, float32
-            # masked-patch MSE against the raw (normalised) pixels, whatever the checkpoint's target was
-            per_patch = ((mae.patchify(recon) - mae.patchify(x.float())) ** 2).mean(-1)  # (N, L)
-            mse_sum += (per_patch * mask).sum()
-            mse_count += mask.sum()
-            visible = 1 - mae.pixel_mask(mask)                                # (N, 1, H, W), 1 = visible
+            mse_sum += mae.forward_loss(x, pred, mask, on_all=False).double() * x.shape[0]
+            _, pasted = mae.reconstruct(x, pred, mask)                    # normalised space, float32
+            visible = 1 - mae.pixel_mask(mask)                            # (N, 1, H, W), 1 = visible
             target = data.denormalize(x).clamp(0, 1)
             images = {'model': data.denormalize(pasted).clamp(0, 1),
                       'mean_colour_floor': mean_colour_fill(target, visible),
@@ -214,21 +228,20 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
             step = math.ceil(len(target_np) / n_workers)
             for i in range(0, len(target_np), step):
                 chunk = ({k: p[i:i + step] for k, p in preds_np.items()}, target_np[i:i + step])
-                if executor is None:
-                    collect(_metrics_chunk(*chunk))
-                    continue
-                pending.append(executor.submit(_metrics_chunk, *chunk))
+                pending.append(pool.apply_async(_metrics_chunk, chunk) if pool else _metrics_chunk(*chunk))
                 while len(pending) > 2 * n_workers:
                     collect(pending.popleft())
+            progress.update(start)
         while pending:
             collect(pending.popleft())
     finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
+        if pool is not None:
+            pool.terminate()  # kills the workers now, also when an error or a signal unwinds this
+            pool.join()
     n = len(split.labels)
     out = {kind: dict(psnr=_finite(s['psnr'] / n), ssim=_finite(s['ssim'] / n),
                       lpips=_finite(s['lpips'] / n) if lpips_net is not None else None) for kind, s in sums.items()}
-    out['masked_mse'] = _finite((mse_sum / mse_count.clamp_min(1)).item())
+    out['masked_mse'] = _finite(mse_sum.item() / n)
     return out
 
 
@@ -238,9 +251,47 @@ def _finite(x):
     return x if math.isfinite(x) else None
 
 
+LABEL_FONT = 14
+
+
+@torch.no_grad()
+def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale=3):
+    """A PNG a person can read: one row per image, columns labelled masked input | reconstruction |
+    reconstruction with the visible patches pasted | original, each image upscaled `scale` times (nearest), and a
+    title line (what, epoch, val loss). imgs are normalised (N, 3, H, W) on the model's device; the masks are
+    fixed by `seed`, so pictures of successive epochs show the same masks."""
+    was_training = mae.training
+    mae.eval()
+    g = torch.Generator(device=imgs.device).manual_seed(seed)
+    noise = mae.masking_noise(imgs.shape[0], mask_ratio, masking, generator=g, device=imgs.device)
+    _, pred, mask = mae(imgs.float(), mask_ratio, noise=noise)
+    recon, pasted = mae.reconstruct(imgs.float(), pred, mask)
+    pix_mask = mae.pixel_mask(mask)                                        # (N, 1, H, W), 1 = masked
+    orig = data.denormalize(imgs.float()).clamp(0, 1)
+    cols = [orig * (1 - pix_mask) + 0.5 * pix_mask,                        # masked patches shown grey
+            data.denormalize(recon).clamp(0, 1), data.denormalize(pasted).clamp(0, 1), orig]
+    mae.train(was_training)
+    grid = torch.stack(cols, dim=1)                                         # (N, 4, 3, H, W)
+    N, _, _, H, W = grid.shape
+    cell, pad, top = H * scale, 4, 2 * LABEL_FONT + 14
+    canvas = Image.new('RGB', (4 * (cell + pad) + pad, top + N * (cell + pad) + pad), 'white')
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=LABEL_FONT)
+    draw.text((pad, 2), f"{title} | mask {mask_ratio:g} {masking}", fill='black', font=font)
+    labels = ('masked input', 'reconstruction', 'visible pasted', 'original')
+    pixels = (grid * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (N, 4, H, W, 3)
+    for c, label in enumerate(labels):
+        draw.text((pad + c * (cell + pad), LABEL_FONT + 8), label, fill='black', font=font)
+        for r in range(N):
+            tile = Image.fromarray(pixels[r, c]).resize((W * scale, cell), Image.NEAREST)
+            canvas.paste(tile, (pad + c * (cell + pad), top + r * (cell + pad)))
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 # -----------------------------------------------------------------------------
 # representation metrics
-
 
 @torch.no_grad()
 def knn_classify(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, temperature=0.07, chunk=1024):
@@ -264,29 +315,57 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, num_classes
     return dict(top1=100.0 * hits1 / n, top5=100.0 * hits5 / n)
 
 
-def features(encoder, split, cfg, run):
-    return probe.extract_features(encoder, split.images, split.labels, run.device, batch_size=cfg.batch_size,
-                                  img_size=encoder.cfg.img_size, pool=cfg.pool, autocast=run.autocast)
+def knn_top1(encoder, bank, queries, run, batch_size=256):
+    """kNN top-1 (%) of an encoder: `bank` (a data.Split) votes for the classes of `queries`; what pretrain.py
+    and dino.py log at each checkpoint. Leaves the encoder in eval mode."""
+    kw = dict(batch_size=batch_size, autocast=run.autocast, progress=run)
+    bank_f, bank_y = probe.extract_features(encoder, bank.images, bank.labels, run.device, **kw)
+    query_f, query_y = probe.extract_features(encoder, queries.images, queries.labels, run.device, **kw)
+    return knn_classify(bank_f, bank_y, query_f, query_y, bank.num_classes)
+
+
+def pixel_features(split, device, batch_size=1024):
+    """The raw-pixel floor: each image area-resized to PIXEL_FLOOR_SIZE, normalised and flattened -> (N, 3*S*S)."""
+    feats = [F.adaptive_avg_pool2d(x, PIXEL_FLOOR_SIZE).flatten(1)
+             for x, _ in data.iterate_batches(split.images, None, batch_size, device)]
+    return torch.cat(feats), split.labels.to(device)
+
+
+def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
+    """kNN (and the linear probe, when probe_epochs > 0) of the model and its two floors on one dataset's
+    train (bank / probe training) and val (queries / probe val) splits -> {feature kind: dict(knn=..., probe=...)}."""
+    out = {}
+    for kind in FEATURES:
+        t0 = time.time()
+        if kind == 'pixel_floor':
+            feats = {s: pixel_features(split, run.device) for s, split in splits.items()}
+        else:
+            net = encoder if kind == 'model' else random_encoder
+            feats = {s: probe.extract_features(net, split.images, split.labels, run.device, batch_size=cfg.batch_size,
+                                               pool=cfg.pool, autocast=run.autocast, progress=run)
+                     for s, split in splits.items()}
+        knn = knn_classify(*feats['train'], *feats['val'], splits['train'].num_classes, k=cfg.knn_k,
+                           temperature=cfg.knn_temperature)
+        run.log(dict(event='knn', features=kind, **knn), f"kNN, {FEATURE_NAMES[kind]}: top-1 {knn['top1']:.2f}% "
+                f"top-5 {knn['top5']:.2f}% ({time.time() - t0:.1f}s)")
+        out[kind] = dict(knn=knn, probe=None)
+        if probe_epochs > 0:
+            t0 = time.time()
+            recipe = dict(PROBE_RECIPE, warmup_epochs=min(PROBE_RECIPE['warmup_epochs'], probe_epochs - 1))
+            head = probe.train_linear_head(*feats['train'], *feats['val'], splits['train'].num_classes,
+                                           epochs=probe_epochs, seed=cfg.seed, **recipe)
+            out[kind]['probe'] = dict(top1=head['top1'], top5=head['top5'], best_top1=head['best_top1'],
+                                      best_epoch=head['best_epoch'], epochs=probe_epochs)
+            run.log(dict(event='linear_probe', features=kind, **out[kind]['probe']),
+                    f"linear probe, {FEATURE_NAMES[kind]}: top-1 {head['top1']:.2f}% top-5 {head['top5']:.2f}% "
+                    f"({probe_epochs} epochs, {time.time() - t0:.1f}s)")
+    return out
 
 
 def load_splits(name, cfg):
     """{'train', 'val'} of a dataset, limited to --subset train and --max_images val images (fixed by the seed)."""
-    return {s: common.take_subset(data.load_split(name, s, cfg.data_dir, download=cfg.download), n, cfg.seed)
+    return {s: data.subset(data.load_split(name, s, cfg.data_dir, download=cfg.download), n, cfg.seed)
             for s, n in (('train', cfg.subset), ('val', cfg.max_images))}
-
-
-def knn_on(encoder, name, cfg, run, splits=None):
-    """kNN with the train split as the bank and the val split as the queries -> (result dict, features)."""
-    t0 = time.time()
-    splits = splits or load_splits(name, cfg)
-    feats = {s: features(encoder, split, cfg, run) for s, split in splits.items()}
-    result = knn_classify(*feats['train'], *feats['val'], splits['train'].num_classes, k=cfg.knn_k,
-                          temperature=cfg.knn_temperature)
-    result.update(available=True, bank=len(splits['train'].labels), queries=len(splits['val'].labels))
-    run.log(dict(event='knn', dataset=name, **result, seconds=round(time.time() - t0, 1)),
-            f"kNN {name}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-            f"({result['bank']} bank, {result['queries']} queries, {time.time() - t0:.1f}s)")
-    return result, feats
 
 
 # -----------------------------------------------------------------------------
@@ -317,34 +396,56 @@ def fmt(x, spec, none='unavailable'):
     return none if x is None else format(x, spec)
 
 
+def verdict(value, floors, higher_is_better=True):
+    """In words: the floors (name -> value) the model's value does not beat, or '' when it beats them all."""
+    below = [name for name, f in floors.items() if value is not None and f is not None
+             and (value <= f if higher_is_better else value >= f)]
+    return f"**below the {' and '.join(below)} floor{'s' if len(below) > 1 else ''}**" if below else ''
+
+
 def markdown(res):
-    rec, refs = res['reconstruction'], res['references']
-    lines = [f"## evaluate.py: {res['checkpoint']}", "",
-             f"{res['model']} (img {res['img_size']}, patch {res['patch_size']}), epoch {res['epoch']:g} · "
-             f"mask {res['mask']:g} {res['masking']} · {res['dataset']} val, {res['images']} images · seed {res['seed']}", "",
-             "| reconstruction | PSNR (dB) | SSIM | LPIPS (AlexNet) | reference |", "|---|---|---|---|---|"]
-    for kind in KINDS:
-        m = rec[kind]
-        ref = ''
-        if kind == 'model' and 'psnr' in refs:
-            ref = f"{refs['psnr']['value']} dB / {refs['ssim']['value']} ({refs['psnr']['source']})"
-        lines.append(f"| {KIND_NAMES[kind]} | {fmt(m['psnr'], '.2f')} | {fmt(m['ssim'], '.4f')} | "
-                     f"{fmt(m['lpips'], '.4f')} | {ref} |")
-    lines += ["", f"Masked-patch MSE (normalised pixels, raw-pixel target): {fmt(rec['masked_mse'], '.4f')}. "
-              f"PSNR is the mean over images of scikit-image's PSNR, each capped at {PSNR_CAP_DB:g} dB.", "",
-              "| representation | top-1 (%) | top-5 (%) | reference |", "|---|---|---|---|"]
-    for name, r in res['knn'].items():
-        what = f"kNN k={res['knn_k']} T={res['knn_temperature']:g}, {name}"
-        if r.get('available'):
-            lines.append(f"| {what} ({r['bank']} bank / {r['queries']} queries) | {r['top1']:.2f} | {r['top5']:.2f} | |")
-        else:
-            lines.append(f"| {what} | unavailable | | {r['reason']} |")
-    lp = res['linear_probe']
-    if lp is not None:
-        ref = refs.get('linear_probe_top1')
-        ref = f"{ref['value']} ({ref['source']})" if ref else ''
-        lines.append(f"| linear probe, {lp['epochs']} ep, {res['dataset']} (best epoch top-1 {lp['best_top1']:.2f}) | "
-                     f"{lp['top1']:.2f} | {lp['top5']:.2f} | {ref} |")
+    refs, lines = res['references'], [f"## evaluate.py: {res['checkpoint']}", "",
+                                      f"{res['model']} (img {res['img_size']}, patch {res['patch_size']}), epoch "
+                                      f"{res['epoch']:g} · {res['dataset']} val, {res['images']} images · seed {res['seed']}", ""]
+    rec = res['reconstruction']
+    if rec.get('skipped'):
+        lines += [f"Reconstruction not scored: {rec['skipped']}", ""]
+    else:
+        lines += [f"Reconstruction at mask {res['mask']:g} {res['masking']} (SSIM: Gaussian window, sigma 1.5; PSNR per "
+                  f"image, capped at {PSNR_CAP_DB:g} dB, then averaged):", "",
+                  "| reconstruction | PSNR (dB) | SSIM | LPIPS (AlexNet) | reference / verdict |", "|---|---|---|---|---|"]
+        for kind in KINDS:
+            m, note = rec[kind], ''
+            if kind == 'model':
+                floors = {k.split('_floor')[0].replace('_', ' '): rec[k] for k in KINDS[1:]}
+                note = ' '.join(filter(None, [
+                    verdict(m['psnr'], {k: f['psnr'] for k, f in floors.items()}).replace('floor', 'floor in PSNR'),
+                    verdict(m['ssim'], {k: f['ssim'] for k, f in floors.items()}).replace('floor', 'floor in SSIM'),
+                    f"{refs['psnr']['value']} dB / {refs['ssim']['value']} ({refs['psnr']['source']})" if 'psnr' in refs else '']))
+            lines.append(f"| {KIND_NAMES[kind]} | {fmt(m['psnr'], '.2f')} | {fmt(m['ssim'], '.4f')} | "
+                         f"{fmt(m['lpips'], '.4f')} | {note} |")
+        lines += [""]
+    lines += [f"Masked-patch MSE (the MAE loss, in the training target's space): {fmt(rec.get('masked_mse'), '.4f')}.", "",
+              "| representation | kNN top-1 (%) | kNN top-5 (%) | linear probe top-1 (%) | reference / verdict |",
+              "|---|---|---|---|---|"]
+    for name, rep in res['representation'].items():
+        if not rep.get('available', True):
+            lines.append(f"| kNN on {name} | unavailable | | | {rep['reason']} |")
+            continue
+        for kind in FEATURES:
+            r, note = rep[kind], ''
+            if kind == 'model':
+                note = verdict(r['knn']['top1'], {FEATURE_NAMES[k][7:]: rep[k]['knn']['top1'] for k in FEATURES[1:]})
+                if r['probe'] and name == res['dataset']:
+                    probe_note = verdict(r['probe']['top1'], {FEATURE_NAMES[k][7:]: rep[k]['probe']['top1'] for k in FEATURES[1:]})
+                    note = ' '.join(filter(None, [note.replace('floor', 'floor in kNN'), probe_note.replace('floor', 'floor in the probe')]))
+                    ref = refs.get('linear_probe_top1')
+                    note += f" probe reference {ref['value']} ({ref['source']})" if ref else ''
+            probe_txt = fmt(r['probe']['top1'], '.2f') if r['probe'] else ''
+            lines.append(f"| {name}: {FEATURE_NAMES[kind]} | {r['knn']['top1']:.2f} | {r['knn']['top5']:.2f} | {probe_txt} | {note.strip()} |")
+    lines += ["", f"kNN: weighted, k={res['knn_k']}, T={res['knn_temperature']:g}, train split as the bank, val split as "
+              f"the queries. Linear probe: {res['probe_epochs']} epochs of the study's recipe. A model below a floor has "
+              f"learnt less than that floor already holds."]
     return "\n".join(lines) + "\n"
 
 
@@ -352,110 +453,104 @@ def markdown(res):
 
 
 def main(argv=None):
-    cfg, _ = common.parse_config(common.script_defaults(globals()), argv)
-    run = common.Run(cfg, 'evaluate')
+    cfg, _ = common.configure(globals(), argv)
+    ck = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))  # a wrong --ckpt fails before anything is written
+    mcfg = common.model_config(ck, cfg.ckpt, img_size=cfg.img_size or None)
     try:
-        return evaluate(cfg, run)
-    finally:
-        run.close()
-
-
-def evaluate(cfg, run):
-    t_start = time.time()
-    if run.ddp:
-        raise common.UserError("evaluate.py runs in one process: start it with python, not torchrun")
-    if cfg.transfer_dataset not in ('auto', 'none', '') + data.DATASETS:
-        raise common.UserError(f"--transfer_dataset must be auto, none or one of {', '.join(data.DATASETS)}, "
-                               f"got {cfg.transfer_dataset!r}")
-    if cfg.pool not in ('cls', 'mean'):
-        raise common.UserError(f"--pool must be cls or mean, got {cfg.pool!r}")
-    if min(cfg.batch_size, cfg.knn_k) < 1 or min(cfg.probe_epochs, cfg.max_images, cfg.subset, cfg.workers) < 0 \
-            or cfg.knn_temperature <= 0:
-        raise common.UserError("--batch_size and --knn_k must be >= 1, --knn_temperature > 0, and --probe_epochs, "
-                               "--max_images, --subset, --workers >= 0")
-    # the checkpoint: the encoder (for kNN and the probe) and the whole MAE (for reconstructions), one load
-    encoder, ck = common.load_encoder(cfg.ckpt, img_size=cfg.img_size or None)
-    mcfg = replace(M.ViTConfig(**ck['model_config']), img_size=cfg.img_size or ck['model_config']['img_size'])
-    mae = M.build_mae(mcfg)
-    try:
-        M.load_weights(mae, ck['model'], what=cfg.ckpt)
+        mcfg = replace(mcfg, mask_ratio=cfg.mask or mcfg.mask_ratio, masking=cfg.masking or mcfg.masking)
     except ValueError as e:
         raise common.UserError(str(e)) from None
-    mae, encoder = mae.to(run.device).eval(), encoder.to(run.device).eval()
+    cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'eval')
+    previous = os.path.join(cfg.out_dir, 'eval.json')
+    if os.path.exists(previous):
+        with contextlib.suppress(ValueError, OSError):
+            old = json.load(open(previous)).get('checkpoint_id')
+        if locals().get('old') != checkpoint_id(cfg.ckpt, ck):
+            raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({locals().get('old') or 'unknown'}): "
+                                   f"choose another --out_dir (by default each checkpoint is evaluated beside itself)")
+    with common.Run(cfg, 'evaluate', training=False) as run:
+        if run.ddp:
+            raise common.UserError("evaluate.py runs in one process: start it with python, not torchrun")
+        return evaluate(cfg, ck, mcfg, run)
+
+
+def checkpoint_id(path, ck):
+    return f"{os.path.realpath(path)} at step {ck.get('step')}"
+
+
+def evaluate(cfg, ck, mcfg, run):
+    t_start = time.time()
+    encoder, _ = common.load_encoder(cfg.ckpt, loaded=ck, img_size=mcfg.img_size)
+    encoder = encoder.to(run.device).eval()
+    torch.manual_seed(cfg.seed)
+    random_encoder = M.VisionTransformer(replace(encoder.cfg, num_classes=0)).to(run.device).eval()
     ck_cfg = ck['config']
-    mask_ratio = cfg.mask or ck_cfg.get('mask', 0.75)
-    masking_kind = cfg.masking or ck_cfg.get('masking', 'random')
-    if not 0.0 < mask_ratio < 1.0:
-        raise common.UserError(f"--mask must be in (0, 1) (or 0 for the checkpoint's), got {cfg.mask}")
-    if masking_kind not in ('random', 'block'):
-        raise common.UserError(f"--masking must be random or block (or '' for the checkpoint's), got {cfg.masking!r}")
     name = cfg.dataset or ck_cfg.get('dataset', 'tin')
-    transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None, '': None}.get(cfg.transfer_dataset,
-                                                                                    cfg.transfer_dataset)
+    transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None}.get(cfg.transfer_dataset, cfg.transfer_dataset)
     transfer = None if transfer == name else transfer
-    run.banner(cfg, {'checkpoint': f"{cfg.ckpt} ({ck_cfg.get('model')}, epoch {ck.get('epoch', 0):g})",
-                     'mask': f"{mask_ratio:g} {masking_kind}", 'dataset': name, 'transfer': transfer or 'none'})
-
-    # LPIPS first: its one-line notice belongs at the top
-    lpips_net, lpips_reason = (None, "LPIPS skipped (--use_lpips false)")
-    if cfg.use_lpips:
-        lpips_net, lpips_reason = load_lpips(run.device)
-    if lpips_reason:
-        run.print(lpips_reason)
-
-    # 1-2. reconstructions and floors on the val split
+    run.banner({'checkpoint': f"{cfg.ckpt} ({ck['kind']}, {ck_cfg.get('model')}, epoch {ck.get('epoch', 0):g})",
+                'mask': f"{mcfg.mask_ratio:g} {mcfg.masking}", 'dataset': name, 'transfer': transfer or 'none'})
     splits = load_splits(name, cfg)
     val = splits['val']
-    t0 = time.time()
-    rec = reconstruction_metrics(mae, val, mask_ratio, masking_kind, cfg, run, lpips_net)
-    m = rec['model']
-    run.log(dict(event='reconstruction', images=len(val.labels), seconds=round(time.time() - t0, 1), **rec),
-            f"reconstruction on {len(val.labels)} {name} val images ({time.time() - t0:.1f}s): PSNR {fmt(m['psnr'], '.2f')} dB "
-            f"SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE {fmt(rec['masked_mse'], '.4f')}")
-    pick = torch.linspace(0, len(val.labels) - 1, min(8, len(val.labels))).long()  # spread over the split
-    x8, _ = next(data.iterate_batches(val.images[pick], None, len(pick), run.device, img_size=mcfg.img_size))
-    picture = common.reconstruction_grid(mae, x8, mask_ratio, masking_kind, cfg.seed, os.path.join(cfg.out_dir, 'recon.png'))
-    del mae
 
-    # 3. representation: kNN here and on the transfer dataset, then the linear probe on the same features
-    knn, (main_knn, feats) = {}, knn_on(encoder, name, cfg, run, splits)
-    knn[name] = main_knn
-    linear_probe = None
-    if cfg.probe_epochs > 0:
+    # 1. reconstructions and their floors on the val split, when the checkpoint makes pictures one can score
+    skip = ("a dino.py checkpoint has no decoder: it does not reconstruct" if ck['kind'] == 'dino' else
+            "a norm_pix_loss model predicts per-patch normalised pixels; turning them into pixels needs each masked "
+            "patch's true mean and variance, which would leak the answer into PSNR/SSIM/LPIPS and make them "
+            "incomparable with raw-pixel models" if mcfg.norm_pix_loss else None)
+    lpips_reason, picture = None, None
+    if skip:
+        rec = dict(skipped=skip)
+        run.print(f"reconstruction not scored: {skip}")
+    else:
+        lpips_net, lpips_reason = (None, "LPIPS skipped (--use_lpips false)")
+        if cfg.use_lpips:
+            lpips_net, lpips_reason = load_lpips(run.device)
+        if lpips_reason:
+            run.print(lpips_reason)
+        mae = M.build_mae(mcfg)
+        try:
+            M.load_weights(mae, ck['model'], what=cfg.ckpt)
+        except ValueError as e:
+            raise common.UserError(str(e)) from None
+        mae = mae.to(run.device).eval()
         t0 = time.time()
-        recipe = dict(PROBE_RECIPE, warmup_epochs=min(PROBE_RECIPE['warmup_epochs'], cfg.probe_epochs - 1))
+        rec = reconstruction_metrics(mae, val, mcfg.mask_ratio, mcfg.masking, cfg, run, lpips_net)
+        m = rec['model']
+        run.log(dict(event='reconstruction', images=len(val.labels), seconds=round(time.time() - t0, 1), **rec),
+                f"reconstruction on {len(val.labels)} {name} val images ({time.time() - t0:.1f}s): PSNR {fmt(m['psnr'], '.2f')} dB "
+                f"SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE {fmt(rec['masked_mse'], '.4f')}")
+        pick = torch.linspace(0, len(val.labels) - 1, min(8, len(val.labels))).long()  # spread over the split
+        x8, _ = next(data.iterate_batches(val.images[pick], None, len(pick), run.device, img_size=mcfg.img_size))
+        picture = reconstruction_grid(mae, x8, mcfg.mask_ratio, mcfg.masking, cfg.seed, os.path.join(cfg.out_dir, 'recon.png'),
+                                      f"{cfg.ckpt}, epoch {ck.get('epoch', 0):g}")
+        del mae
 
-        def log(record, line):  # every epoch in log.jsonl, every 10th on stdout
-            run.log(record, line if record['epoch'] % 10 == 0 or record['epoch'] == cfg.probe_epochs else None)
-        head = probe.train_linear_head(*feats['train'], *feats['val'], splits['train'].num_classes,
-                                       epochs=cfg.probe_epochs, seed=cfg.seed, log=log, **recipe)
-        linear_probe = dict(top1=head['top1'], top5=head['top5'], best_top1=head['best_top1'],
-                            best_epoch=head['best_epoch'], epochs=cfg.probe_epochs)
-        run.log(dict(event='linear_probe', **linear_probe, seconds=round(time.time() - t0, 1)),
-                f"linear probe {name}, {cfg.probe_epochs} epochs ({time.time() - t0:.1f}s): top-1 {head['top1']:.2f}% "
-                f"top-5 {head['top5']:.2f}% (best epoch top-1 {head['best_top1']:.2f}%)")
-    del feats, splits
+    # 2. representation: kNN and the linear probe beside their floors, then kNN on the transfer dataset
+    reps = {name: representation(encoder, random_encoder, splits, cfg, run, cfg.probe_epochs)}
+    del splits
     if transfer:
         try:
-            knn[transfer], _ = knn_on(encoder, transfer, cfg, run)
+            reps[transfer] = representation(encoder, random_encoder, load_splits(transfer, cfg), cfg, run, 0)
         except data.DataError as e:  # not on disk: say why, keep the rest of the evaluation
-            knn[transfer] = dict(available=False, reason=str(e))
+            reps[transfer] = dict(available=False, reason=str(e))
             run.print(f"kNN {transfer}: unavailable: {e}")
 
-    # 4-5. eval.json and eval.md
-    res = dict(checkpoint=cfg.ckpt, model=ck_cfg.get('model'), img_size=mcfg.img_size, patch_size=mcfg.patch_size,
-               epoch=ck.get('epoch', 0), dataset=name, split='val', images=len(val.labels), mask=mask_ratio,
-               masking=masking_kind, seed=cfg.seed, psnr_cap_db=PSNR_CAP_DB, reconstruction=rec,
-               lpips=dict(available=lpips_net is not None, reason=lpips_reason), knn=knn, knn_k=cfg.knn_k,
-               knn_temperature=cfg.knn_temperature, pool=cfg.pool, linear_probe=linear_probe,
-               references=references(ck, name, mask_ratio, masking_kind), picture=picture,
-               seconds=round(time.time() - t_start, 1))
+    # 3. eval.json and eval.md
+    res = dict(checkpoint=cfg.ckpt, checkpoint_id=checkpoint_id(cfg.ckpt, ck), kind=ck['kind'],
+               model=ck_cfg.get('model'), img_size=mcfg.img_size, patch_size=mcfg.patch_size, epoch=ck.get('epoch', 0),
+               dataset=name, split='val', images=len(val.labels), mask=mcfg.mask_ratio, masking=mcfg.masking,
+               seed=cfg.seed, psnr_cap_db=PSNR_CAP_DB, reconstruction=rec,
+               lpips=dict(available=not skip and lpips_reason is None, reason=skip or lpips_reason),
+               representation=reps, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature, pool=cfg.pool,
+               probe_epochs=cfg.probe_epochs, references=references(ck, name, mcfg.mask_ratio, mcfg.masking),
+               picture=picture, seconds=round(time.time() - t_start, 1))
     table = markdown(res)
-    common.write_text_atomic(json.dumps(res, indent=2) + "\n", os.path.join(cfg.out_dir, 'eval.json'))
-    common.write_text_atomic(table, os.path.join(cfg.out_dir, 'eval.md'))
+    common.save_atomic(json.dumps(res, indent=2) + "\n", os.path.join(cfg.out_dir, 'eval.json'))
+    common.save_atomic(table, os.path.join(cfg.out_dir, 'eval.md'))
     run.log(dict(event='done', seconds=res['seconds']))
     run.print("\n" + table)
-    run.print(f"wrote {cfg.out_dir}/eval.json, eval.md and recon.png ({res['seconds']:.0f}s)")
+    run.print(f"wrote {cfg.out_dir}/eval.json, eval.md" + (" and recon.png" if picture else "") + f" ({res['seconds']:.0f}s)")
     return 0
 
 

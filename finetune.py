@@ -1,31 +1,34 @@
 """
 Fine-tuning: a classifier on tin, cub or demo, from a pre-trained MAE encoder, from scratch, or a SqueezeNet.
 
-    python finetune.py --ckpt out/pretrain/ckpt.pt                      # the paper's fine-tuning recipe on Tiny ImageNet
+    python finetune.py --ckpt out/pretrain/ckpt.pt                      # the study's fine-tuning recipe on Tiny ImageNet
     python finetune.py --ckpt out/pretrain/ckpt.pt --dataset cub        # transfer to CUB (lr 5e-4, the recipe's for CUB)
     python finetune.py --out_dir out/supervised                         # ViT-Lite from scratch (the supervised baseline)
     python finetune.py --arch squeezenet --dataset tin --out_dir out/critic --epochs 200 --warmup_epochs 10 --weight_decay 0.15
     torchrun --nproc_per_node=2 finetune.py --ckpt out/pretrain/ckpt.pt # the same run on two GPUs
 
-Every constant below can be overridden as --name value or --name=value. Defaults are the paper's fine-tuning
-recipe (PAPER.md section 3). Writes <out_dir>/ckpt.pt (kind 'finetune'), log.jsonl and results.json (top-1 and
+Every constant below can be overridden as --name value or --name=value. Defaults are the study's fine-tuning
+recipe (the study's Table 6; the README's recipe table). Writes <out_dir>/ckpt.pt (kind 'finetune'), log.jsonl and results.json (top-1 and
 top-5 on the official val split: TIN val, CUB test). The data order depends only on (seed, epoch); the
 augmentation and mixup draws on (seed, epoch, step, rank, micro-step).
 """
+import contextlib
 import json
-from dataclasses import asdict
+import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
 import model as M
 
 # -----------------------------------------------------------------------------
-# config: the paper's fine-tuning recipe
+# config: the study's fine-tuning recipe
 # data
 dataset = 'tin'             # tin | cub (val = the official test split) | demo (embedded, no download) | synthetic
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
@@ -72,7 +75,13 @@ bench_steps = 0             # >0: benchmark mode: time this many steps after war
 bench_warmup = 30           # benchmark warm-up steps (compilation, CUDA graph capture)
 # -----------------------------------------------------------------------------
 
-ARCH_KEYS = ('arch', 'model', 'img_size', 'patch_size', 'global_pool', 'ckpt', 'dataset')  # may not change on resume
+CHECKS = [  # rules between values (each value's own rule is in common.RULES)
+    (lambda c: c.arch == 'vit' or not c.ckpt, "--arch squeezenet trains from scratch (SqueezeNet has no MAE "
+     "pre-training), but --ckpt {ckpt} was given: drop --ckpt, or use --arch vit to fine-tune that checkpoint"),
+    (lambda c: c.arch == 'vit' or (c.layer_decay, c.drop_path, c.global_pool) == (1.0, 0.0, 'cls'),
+     "--layer_decay, --drop_path and --global_pool apply to ViTs only: drop them with --arch squeezenet"),
+]
+FIXED_ON_RESUME = ('arch', 'model', 'img_size', 'patch_size', 'global_pool', 'ckpt', 'dataset', 'subset', 'batch_size')
 RECIPE_LR = {'cub': 5e-4}   # base lr at batch 128 when --lr is 0; 1e-3 for every other dataset
 EVAL_BATCH = 512            # images per forward pass in evaluation
 MIXUP_SWITCH_PROB = 0.5     # with both mixup and cutmix on: probability of cutmix for a batch (timm's default)
@@ -81,36 +90,6 @@ MIXUP_SWITCH_PROB = 0.5     # with both mixup and cutmix on: probability of cutm
 def base_lr(cfg):
     """The learning rate at batch 128: --lr, or the recipe's (1e-3; 5e-4 on CUB) when --lr is 0."""
     return cfg.lr if cfg.lr > 0 else RECIPE_LR.get(cfg.dataset, 1e-3)
-
-
-def check_config(cfg, run):
-    """Validate the options that need no file or data; every mistake becomes a one-line UserError."""
-    if cfg.arch not in ('vit', 'squeezenet'):
-        raise common.UserError(f"--arch must be vit or squeezenet, got {cfg.arch!r}")
-    if cfg.arch == 'squeezenet':
-        if cfg.ckpt:
-            raise common.UserError(f"--arch squeezenet trains from scratch (SqueezeNet has no MAE pre-training), but --ckpt "
-                                   f"{cfg.ckpt} was given: drop --ckpt, or use --arch vit to fine-tune that checkpoint")
-        for name, off in (('layer_decay', 1.0), ('drop_path', 0.0), ('global_pool', 'cls')):
-            if getattr(cfg, name) != off:
-                raise common.UserError(f"--{name} applies to ViTs only; --arch squeezenet takes --{name} {off}")
-    if not 0.0 < cfg.layer_decay <= 1.0:
-        raise common.UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}: 1.0 is off, official MAE uses 0.65-0.75")
-    if not 0.0 <= cfg.drop_path < 1.0:
-        raise common.UserError(f"--drop_path must be in [0, 1), got {cfg.drop_path}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise common.UserError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.mixup < 0 or cfg.cutmix < 0:
-        raise common.UserError(f"--mixup and --cutmix are Beta alphas >= 0 (0 = off), got {cfg.mixup} and {cfg.cutmix}")
-    if cfg.global_pool not in ('cls', 'mean'):
-        raise common.UserError(f"--global_pool must be cls or mean, got {cfg.global_pool!r}")
-    if cfg.lr < 0:
-        raise common.UserError(f"--lr must be >= 0 (0 = the recipe's), got {cfg.lr}")
-    if cfg.eval_every < 1:
-        raise common.UserError(f"--eval_every must be >= 1, got {cfg.eval_every}")
-    if cfg.batch_size % (run.world_size * cfg.accum_steps):
-        raise common.UserError(f"--batch_size {cfg.batch_size} is not divisible by world_size x accum_steps = "
-                               f"{run.world_size} x {cfg.accum_steps}: choose a multiple")
 
 
 def build(cfg, given, num_classes, ck, pre=None):
@@ -124,8 +103,7 @@ def build(cfg, given, num_classes, ck, pre=None):
             M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
         return net, mconf, 'squeezenet1_1 from scratch'
     if ck is not None:  # resume: the architecture and weights of this run's own checkpoint
-        from dataclasses import replace
-        mcfg = replace(M.ViTConfig(**ck['model_config']), drop_path=cfg.drop_path)
+        mcfg = common.model_config(ck, os.path.join(cfg.out_dir, 'ckpt.pt'), drop_path=cfg.drop_path)
         net = M.VisionTransformer(mcfg)
         M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
         return net, asdict(mcfg), f"resumed from {cfg.out_dir}/ckpt.pt"
@@ -135,13 +113,16 @@ def build(cfg, given, num_classes, ck, pre=None):
                                        drop_path=cfg.drop_path, global_pool=cfg.global_pool)
         cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually used
         return net, asdict(net.cfg), f"encoder of {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)"
+    net = M.build_classifier(preset_config(cfg), num_classes)
+    return net, asdict(net.cfg), 'random (supervised from scratch)'
+
+
+def preset_config(cfg):
     try:
-        mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
+        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
                              drop_path=cfg.drop_path, global_pool=cfg.global_pool)
     except ValueError as e:
         raise common.UserError(str(e)) from None
-    net = M.build_classifier(mcfg, num_classes)
-    return net, asdict(net.cfg), 'random (supervised from scratch)'
 
 
 def layer_id(name, depth):
@@ -156,7 +137,7 @@ def layer_id(name, depth):
 
 def optimizer_groups(net, cfg):
     """AdamW groups (no decay on biases, norms and the cls token, as in official MAE fine-tuning) with each
-    parameter's layer-wise lr scale layer_decay^(depth + 1 - layer_id); common.set_lr multiplies the lr by it."""
+    parameter's layer-wise lr scale layer_decay^(depth + 1 - layer_id); the loop multiplies the lr by it."""
     if cfg.arch != 'vit' or cfg.layer_decay == 1.0:
         return common.param_groups(net, cfg.weight_decay, no_decay=('cls_token',))
     depth = net.cfg.depth
@@ -185,84 +166,72 @@ def evaluate(net, split, img_size, run):
 
 
 def main(argv=None):
-    cfg, given = common.parse_config(common.script_defaults(globals()), argv)
-    run = common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0)
-    try:
-        return train(cfg, given, run)
-    finally:
-        run.close()
-
-
-def train(cfg, given, run):
-    ck = None
-    if cfg.bench_steps == 0:
-        ck, cfg = common.check_out_dir(run, cfg, given, 'finetune', ARCH_KEYS)
-    check_config(cfg, run)
+    cfg, given = common.configure(globals(), argv, CHECKS)
+    if cfg.arch == 'vit' and not cfg.ckpt:
+        preset_config(cfg)  # a bad model setting fails before anything is read or written
     # a wrong --ckpt fails now, before any data is decoded; the loaded checkpoint is reused by build()
-    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain',)) if (cfg.ckpt and ck is None) else None
+    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt else None
+    with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:
+        return train(cfg, given, pre, run)
+
+
+def train(cfg, given, pre, run):
+    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'finetune', FIXED_ON_RESUME)
     device = run.device
 
     # data: the whole split as uint8 on the device; batches are gathered, resized, augmented and normalised there
-    train_split = common.take_subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download),
-                                     cfg.subset, cfg.seed)
+    train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
     num_classes = train_split.num_classes
-    if ck is not None and ck['model_config']['num_classes'] != num_classes:
-        raise common.UserError(f"{cfg.out_dir}/ckpt.pt has a {ck['model_config']['num_classes']}-way head but {cfg.dataset} has "
-                               f"{num_classes} classes: choose another --out_dir")
-
-    torch.manual_seed(cfg.seed)  # same initial weights (the fresh head) on every rank
-    net, model_config, init = build(cfg, given, num_classes, ck, pre)
+    if ck is not None and ck['model_config'].get('num_classes') != num_classes:
+        raise common.UserError(f"{cfg.out_dir}/ckpt.pt has a {ck['model_config'].get('num_classes')}-way head but {cfg.dataset} "
+                               f"has {num_classes} classes: choose another --out_dir")
+    torch.manual_seed(cfg.seed)  # the same initial weights (the fresh head) on every rank
+    net, model_config, init = build(cfg, given, num_classes, ck, None if ck is not None else pre)
     net = net.to(device)
     img_size = (cfg.img_size or 64) if cfg.arch == 'squeezenet' else net.cfg.img_size
     torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank))  # drop path: its own stream on each rank
-
     loader = data.DeviceLoader(train_split, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
                                rank=run.rank, world_size=run.world_size, accum_steps=cfg.accum_steps,
                                img_size=img_size, augment=data.finetune_augment if cfg.augment else None)
     steps_per_epoch = loader.steps_per_epoch
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    if cfg.bench_steps:
-        total_steps = cfg.bench_warmup + cfg.bench_steps
+    total_steps = cfg.bench_warmup + cfg.bench_steps if cfg.bench_steps else cfg.epochs * steps_per_epoch
+    warmup_steps = common.warmup_steps(cfg, given, steps_per_epoch, run)
     peak_lr = base_lr(cfg) * cfg.batch_size / 128
 
-    optimizer = common.make_optimizer(optimizer_groups(net, cfg), peak_lr, (cfg.beta1, cfg.beta2), device)
+    # optimizer: AdamW with the recipe's groups (and layer-wise decay when asked), fused into one kernel on CUDA
+    optimizer = torch.optim.AdamW(optimizer_groups(net, cfg), lr=peak_lr, betas=(cfg.beta1, cfg.beta2),
+                                  **(dict(fused=True) if run.cuda else {}))
     step, history = 0, []
-    if ck is not None:
+    if ck is not None:  # resume: weights (in build), optimizer, scaler, RNG (drop path), the step and the history
         optimizer.load_state_dict(ck['optimizer'])
-        run.scaler.load_state_dict(ck['scaler'])
+        if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
+            run.scaler.load_state_dict(ck['scaler'])
         if run.rank == 0:
             common.set_rng_state(ck['rng'])  # drop path continues its random stream exactly
         else:
             torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
         step, history = ck['step'], list(ck.get('history', []))
-
-    if cfg.bench_steps == 0:
-        val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
+    val_split = None if cfg.bench_steps else data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
 
     net.eval()  # FLOPs of one forward (no dropout draws), x3 for forward + backward
     flops = (M.conv_flops(net, (1, 3, img_size, img_size)) * 3 if cfg.arch == 'squeezenet'
              else M.flops_per_image(net.cfg, mask_ratio=None))
     net.train()
-    n_params = sum(p.numel() for p in net.parameters())
-    run.banner(cfg, {'arch': cfg.arch if cfg.arch == 'squeezenet' else f"{cfg.model} {img_size}px",
-                     'init': init, 'params': f"{n_params / 1e6:.2f}M", 'classes': num_classes,
-                     'train images': len(train_split.labels),
-                     'val images': len(val_split.labels) if cfg.bench_steps == 0 else 0,
-                     'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size,
-                     'micro batch': cfg.batch_size // (run.world_size * cfg.accum_steps),
-                     'base lr': f"{base_lr(cfg):.3g}" + (" (the recipe's for " + cfg.dataset + ")" if cfg.lr == 0 else ""),
-                     'peak lr': f"{peak_lr:.3g}", 'layer decay': cfg.layer_decay, 'start step': step})
+    run.banner({'arch': cfg.arch if cfg.arch == 'squeezenet' else f"{cfg.model} {img_size}px", 'init': init,
+                'params': f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M", 'classes': num_classes,
+                'train images': len(train_split.labels), 'val images': len(val_split.labels) if val_split else 0,
+                'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size, 'micro batch': loader.micro_batch,
+                'base lr': f"{base_lr(cfg):.3g}" + (" (the recipe's for " + cfg.dataset + ")" if cfg.lr == 0 else ""),
+                'peak lr': f"{peak_lr:.3g}", 'layer decay': cfg.layer_decay, 'start step': step})
 
-    step_model, cudagraphs = common.compile_and_wrap(net, cfg, run)  # `net` stays unwrapped for saving and eval
+    # compile the classifier and wrap it for DDP; `net` stays raw for saving and evaluation
+    mode = common.compile_mode(cfg, run)
+    step_model = torch.compile(net, mode=mode) if mode else net
+    if run.ddp:
+        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    cudagraphs = mode in ('reduce-overhead', 'max-autotune')
+    peak = common.peak_flops(run)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    mix_gen = torch.Generator(device=device)
-    meter = common.Throughput(run, flops, total_steps, start_step=step)
-    losses = common.LossMeter(run, cfg.out_dir)
-    name = 'squeezenet' if cfg.arch == 'squeezenet' else cfg.model
-    bench = common.Benchmark(run, cfg, flops, f"finetune {name} {img_size}px augment {cfg.augment} mixup {cfg.mixup} "
-                             f"cutmix {cfg.cutmix}", arch=cfg.arch, model=cfg.model, img_size=img_size, augment=cfg.augment)
-    stop = common.StopSignal()  # restored when the run closes (run.close)
-    run.on_close(stop.restore)
 
     def criterion(logits, y, soft):
         logits = logits.float()
@@ -281,57 +250,92 @@ def train(cfg, given, run):
         ev = evaluate(net, val_split, img_size, run)
         rec = dict(epoch=round(step / steps_per_epoch, 4), step=step, top1=ev['top1'], top5=ev['top5'], loss=ev['loss'])
         history.append(rec)
-        run.log(dict(event='eval', **rec),
-                f"epoch {rec['epoch']:g}: val top-1 {ev['top1']:.2f}% | top-5 {ev['top5']:.2f}% | loss {ev['loss']:.4f} "
-                f"({ev['images']} images)")
+        run.log(dict(event='eval', **rec), f"epoch {rec['epoch']:g}: val top-1 {ev['top1']:.2f}% | top-5 "
+                f"{ev['top5']:.2f}% | loss {ev['loss']:.4f} ({ev['images']} images)")
         return rec
 
+    # the loop
     net.train()
-    t_start = time.time()
+    t_start = t_log = time.time()
+    loss_sum, n_losses, step_logged = torch.zeros((), device=device), 0, step
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
-            common.set_lr(optimizer, common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr))
+            if cfg.bench_steps and step == cfg.bench_warmup:  # benchmark: the timed steps start here
+                t_bench = common.bench_start(run)
+            lr_now = common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr_now * group['lr_scale']
             for micro, (x, y) in enumerate(micro_batches):
                 soft = None
                 if mixing:  # per micro-batch, drawn from (seed, step, rank, micro)
-                    mix_gen.manual_seed(data.seed_for(cfg.seed, 3, step, run.rank, micro))
                     x, soft = data.mixup_cutmix(x, y, num_classes, cfg.mixup, cfg.cutmix, MIXUP_SWITCH_PROB,
-                                                cfg.label_smoothing, mix_gen)
-                with common.micro_batch(run, step_model, micro, cfg.accum_steps, cudagraphs):
+                                                cfg.label_smoothing, seed=data.seed_for(cfg.seed, 3, step, run.rank, micro))
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last step's outputs are consumed
+                # under DDP, gradients are all-reduced once per optimizer step, on its last micro-batch
+                with step_model.no_sync() if run.ddp and micro < cfg.accum_steps - 1 else contextlib.nullcontext():
                     with run.autocast:
                         loss = criterion(step_model(x), y, soft)
                     run.scaler.scale(loss / cfg.accum_steps).backward()
-                losses.add(loss, x.shape[0])
-            common.optimizer_step(run, optimizer, net.parameters(), cfg.grad_clip)
+                loss_sum += loss.detach()  # summed on the device: no host sync per step
+                n_losses += 1
+            if cfg.grad_clip > 0:
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             if cfg.bench_steps:
-                result = bench.after_step(step, losses)
-                if result:
-                    return result
+                if step == total_steps:
+                    return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
+                                               f"finetune {cfg.arch if cfg.arch == 'squeezenet' else cfg.model} {img_size}px "
+                                               f"augment {cfg.augment} mixup {cfg.mixup} cutmix {cfg.cutmix}")
                 continue
 
-            stopping = common.stop_requested(run, stop, step, cfg.log_every)
+            # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
             end_of_epoch = step % steps_per_epoch == 0
-            if step % max(1, cfg.log_every) == 0 or step == total_steps or stopping or end_of_epoch:
-                lr_now = max(g['lr'] for g in optimizer.param_groups)  # the head's (layer decay scales the others down)
-                common.log_train(run, losses, meter, step, steps_per_epoch, total_steps, lr_now)
-            if stopping:
-                return common.preempt(run, cfg.out_dir, step, save)
+            log_now = step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
+            stopping = bool(run.mean(run.stop_signal)) if run.ddp else bool(run.stop_signal)  # ranks agree
+            if log_now or stopping:
+                loss_now = run.mean(loss_sum.item() / n_losses)
+                if not math.isfinite(loss_now):
+                    kept = (f"the last good checkpoint {cfg.out_dir}/ckpt.pt is untouched"
+                            if os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')) else "no checkpoint was written")
+                    raise common.NonFiniteLoss(f"loss became {loss_now} at step {step}; {kept}: lower --lr, set "
+                                               f"--grad_clip 1.0, or use --dtype bfloat16")
+                lr_head = max(g['lr'] for g in optimizer.param_groups)  # the head's (layer decay scales the others down)
+                dt, t_log = time.time() - t_log, time.time()
+                ips = (step - step_logged) * cfg.batch_size / dt
+                mfu = ips * flops / (peak * run.world_size) if peak else None
+                eta = (total_steps - step) * dt / (step - step_logged)
+                run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now, lr=lr_head,
+                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
+                        f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
+                        f"lr {lr_head:.2e} | {ips:,.0f} img/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+                        + f" | eta {common.fmt_eta(eta)}")
+                loss_sum.zero_()
+                n_losses, step_logged = 0, step
+            if stopping:  # SIGTERM (pre-emption) or Ctrl-C: save where we are and say how to continue
+                if run.master:
+                    save()
+                run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; continue "
+                          f"with: python finetune.py --resume true --out_dir {cfg.out_dir}")
+                return 128 + run.stop_signal
             if end_of_epoch:
                 done = step // steps_per_epoch
-                last = step == total_steps
-                if done % cfg.eval_every == 0 or last:
+                if done % cfg.eval_every == 0 or step == total_steps:
                     run_eval()  # every rank: its share of the val set, summed
-                if done % cfg.ckpt_every == 0 or last:
+                if done % cfg.ckpt_every == 0 or step == total_steps:
                     if run.master:
                         save()
                         run.log(dict(event='checkpoint', step=step, epoch=done), f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
-                    run.barrier()
+                    if run.ddp:
+                        torch.distributed.barrier()
 
-    final = history[-1] if history and history[-1]['step'] == step else run_eval()  # (a resumed finished run: evaluate)
-    best = max(history, key=lambda r: r['top1'])
+    final, best = history[-1], max(history, key=lambda r: r['top1'])
     if run.master:
         results = dict(top1=final['top1'], top5=final['top5'], loss=final['loss'], epoch=final['epoch'], step=step,
                        best_top1=best['top1'], best_epoch=best['epoch'], dataset=cfg.dataset, arch=cfg.arch,
@@ -339,9 +343,9 @@ def train(cfg, given, run):
                        num_classes=num_classes, img_size=img_size, train_images=len(train_split.labels),
                        val_images=len(val_split.labels), peak_lr=peak_lr, wall_s=round(time.time() - t_start, 1),
                        history=history, config=vars(cfg))
-        common.write_text_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
-    run.print(f"done: val top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}% (best top-1 {best['top1']:.2f}% at epoch {best['epoch']:g}); "
-              f"{cfg.out_dir}/results.json, {cfg.out_dir}/ckpt.pt")
+        common.save_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
+    run.print(f"done in {time.time() - t_start:.0f}s: val top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}% (best "
+              f"top-1 {best['top1']:.2f}% at epoch {best['epoch']:g}); {cfg.out_dir}/results.json, {cfg.out_dir}/ckpt.pt")
     return 0
 
 

@@ -2,45 +2,50 @@
 MAE / SMAE pre-training, in one process or under torchrun.
 
     python pretrain.py --dataset demo --epochs 4 --warmup_epochs 1     # a few minutes on a laptop CPU
-    python pretrain.py                                                  # the paper's recipe on Tiny ImageNet
+    python pretrain.py                                                  # the study's recipe on Tiny ImageNet
     torchrun --nproc_per_node=2 pretrain.py                             # the same run on two GPUs
 
-Every constant below can be overridden as --name value or --name=value. Defaults are the paper's
-pre-training recipe (PAPER.md section 3). The training step is the same whatever the number of processes or
+Every constant below can be overridden as --name value or --name=value (--help lists them). The defaults are the
+study's pre-training recipe (its Table 6; the README's recipe table). The training step is the same whatever the number of processes or
 accumulation steps: the global batch, its order and its masks depend only on (seed, step).
 """
+import contextlib
 import json
-from dataclasses import asdict
+import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
+import evaluate
 import model as M
 
 # -----------------------------------------------------------------------------
-# config: the paper's pre-training recipe
+# config: the study's pre-training recipe
 # data
 dataset = 'tin'             # tin | cub | demo (embedded, no download) | synthetic (random, for benchmarks)
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
-augment = False             # random resized crop + flip (official MAE); the paper used none
+augment = False             # random resized crop + flip (official MAE); the study used none
 subset = 0                  # >0: train on a fixed random subset of this many images (quick experiments, tests)
 # model
-model = 'vit_lite'          # preset in model.PRESETS: vit_lite (paper), vit_tiny, vit_small, vit_base (second seed)
-img_size = 0                # input resolution; 0 = the preset's (64; 224 for vit_base). Images are resized on the GPU
+model = 'vit_lite'          # preset in model.PRESETS: vit_lite (the study's), vit_tiny, vit_small, vit_base (second seed)
+img_size = 0                # input resolution; 0 = the preset's (64; 224 for vit_base). Images are resized on the device
 patch_size = 0              # patch side; 0 = the preset's (4 for vit_lite)
 mask = 0.75                 # mask ratio: the fraction of patches hidden from the encoder
-masking = 'random'          # random (official MAE) | block (BEiT-style blocks, the paper's ablation)
+masking = 'random'          # random (official MAE) | block (BEiT-style blocks, the study's ablation)
 norm_pix_loss = False       # per-patch normalised pixel target (MAE paper); raw pixels were better here
-# SMAE (PAPER.md section 4): L = (1 - alpha) * L_pixel + alpha * c * L_percep; alpha = 0 is plain MAE
-alpha = 0.0                 # weight of the perceptual loss; the paper's SMAE uses 0.5
+# SMAE: L = (1 - alpha) * L_pixel + alpha * c * L_percep; alpha = 0 is plain MAE
+alpha = 0.0                 # weight of the perceptual loss; the study's SMAE uses 0.5
 critic = ''                 # SqueezeNet critic checkpoint from finetune.py --arch squeezenet (or 'alexnet')
-critic_sigmoid = True       # sigmoid on critic features before the MSE, as the paper's code did
+critic_sigmoid = True       # sigmoid on critic features before the MSE, as the study's code did
 calib_batches = 10          # batches whose mean loss ratio fixes c before training starts
-weighting = 'fixed'         # fixed (paper) | uncertainty (learned log-variances, Kendall et al.)
+weighting = 'fixed'         # fixed (the study's) | uncertainty (learned log-variances, Kendall et al.)
 # optimisation
 epochs = 400                # pre-training epochs
 warmup_epochs = 20          # linear warmup, then cosine decay to min_lr
@@ -51,87 +56,58 @@ min_lr = 0.0                # final learning rate of the cosine schedule
 weight_decay = 0.15         # AdamW weight decay (not on biases and norms)
 beta1 = 0.9                 # AdamW beta1
 beta2 = 0.95                # AdamW beta2
-grad_clip = 0.0             # clip the gradient norm at this value; 0 = off (as in the paper)
+grad_clip = 0.0             # clip the gradient norm at this value; 0 = off (as in the study)
 # system
-device = 'auto'             # auto (cuda if available) | cuda | cpu
-dtype = 'bfloat16'          # autocast on CUDA: bfloat16 | float16 (with GradScaler) | float32; CPU runs float32
-compile = True              # torch.compile the model on CUDA (CPU runs eager)
-compile_mode = 'reduce-overhead'  # torch.compile mode; reduce-overhead = CUDA graphs (under DDP: default)
+device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
+dtype = 'bfloat16'          # autocast on CUDA: bfloat16 | float16 (with GradScaler) | float32; the CPU runs float32
+compile = True              # torch.compile the training step on CUDA (the CPU runs eager)
+compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (default mode under DDP or accumulation)
 seed = 0                    # seeds the initialisation, the data order and the masks
 # output
-out_dir = 'out/pretrain'    # ckpt.pt, log.jsonl, recon_*.png
+out_dir = 'out/pretrain'    # ckpt.pt, log.jsonl, results.json, recon_*.png
 resume = False              # continue the run in out_dir from its ckpt.pt
-log_every = 50              # steps between log lines (each costs one host sync)
-ckpt_every = 20             # epochs between checkpoints (and always at the end)
+log_every = 50              # steps between log lines (each costs one host sync); also at steps 1, 2, 4, 8, ...
+ckpt_every = 20             # epochs between checkpoints, val loss and kNN (and always at the end)
 picture_every = 20          # epochs between reconstruction grids (and always at the end)
-val_images = 1024           # val images for the masked-patch val loss at each checkpoint
+val_images = 1024           # val images for the val loss, the kNN queries and the pictures
+knn_bank = 10000            # train images (a fixed subset) in the kNN bank logged at each checkpoint; 0 = no kNN
 bench_steps = 0             # >0: benchmark mode: time this many steps after warm-up, print, exit (no files)
 bench_warmup = 30           # benchmark warm-up steps (compilation, CUDA graph capture)
 # -----------------------------------------------------------------------------
-
-ARCH_KEYS = ('model', 'img_size', 'patch_size', 'norm_pix_loss', 'alpha', 'critic')  # may not change on resume
-
-
-def build(cfg, run):
-    """Validate the config and build the model; every mistake becomes a one-line UserError."""
-    if not 0.0 < cfg.mask < 1.0:
-        raise common.UserError(f"--mask must be in (0, 1), got {cfg.mask}: it is the fraction of patches hidden")
-    if cfg.masking not in ('random', 'block'):
-        raise common.UserError(f"--masking must be random or block, got {cfg.masking!r}")
-    if cfg.batch_size % (run.world_size * cfg.accum_steps):
-        raise common.UserError(f"--batch_size {cfg.batch_size} is not divisible by world_size x accum_steps = "
-                               f"{run.world_size} x {cfg.accum_steps}: choose a multiple")
-    try:
-        mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
-                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
-                             loss_on_all=cfg.alpha > 0)
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
-    return mcfg
+CHECKS = [  # rules between values (each value's own rule is in common.RULES)
+    (lambda c: c.alpha == 0 or c.critic, "--alpha {alpha} needs a perceptual critic (--critic): train one with: python "
+     "finetune.py --arch squeezenet --dataset tin --out_dir out/critic --epochs 200 --warmup_epochs 10 "
+     "--weight_decay 0.15, then pass --critic out/critic/ckpt.pt"),
+    (lambda c: c.weighting == 'fixed' or c.alpha > 0, "--weighting {weighting} mixes the pixel and the perceptual "
+     "loss, but --alpha 0 has no perceptual loss: set --alpha > 0 and --critic, or drop --weighting"),
+]
+FIXED_ON_RESUME = ('model', 'img_size', 'patch_size', 'norm_pix_loss', 'alpha', 'critic', 'dataset', 'subset',
+                   'batch_size')  # the weights and the step count depend on these
+CRITIC_HOWTO = CHECKS[0][1].split(': ', 1)[1]
 
 
-CRITIC_HOWTO = ("train one with: python finetune.py --arch squeezenet --dataset tin --out_dir out/critic "
-                "--epochs 200 --warmup_epochs 10 --weight_decay 0.15, then pass --critic out/critic/ckpt.pt")
-
-
-def make_objective(mae, cfg, run):
+def make_objective(mae, cfg):
     """The loss module: plain MAE, or SMAE with a frozen critic. Every problem with the critic is found here,
     before any data is loaded or step taken."""
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise common.UserError(f"--alpha must be in [0, 1], got {cfg.alpha}: 0 is MAE, 0.5 the paper's SMAE, 1 perceptual only")
-    if cfg.weighting not in ('fixed', 'uncertainty'):
-        raise common.UserError(f"--weighting must be fixed or uncertainty, got {cfg.weighting!r}")
     critic = None
-    if cfg.alpha > 0:
-        if not cfg.critic:
-            raise common.UserError(f"--alpha {cfg.alpha} needs a perceptual critic (--critic): {CRITIC_HOWTO}")
-        if cfg.critic == 'alexnet':
-            critic = alexnet_critic()
-        else:
-            ck = common.load_checkpoint(cfg.critic, kinds=('finetune',))
-            arch = ck['config'].get('arch')
-            if arch != 'squeezenet':
-                raise common.UserError(f"--critic {cfg.critic} holds a {arch} classifier, not a SqueezeNet critic: {CRITIC_HOWTO}")
-            net = M.build_squeezenet(ck['model_config']['num_classes'])
-            try:
-                M.load_weights(net, ck['model'], what=cfg.critic)
-            except ValueError as e:
-                raise common.UserError(f"{e}; {CRITIC_HOWTO}") from None
-            critic = net.features[:5]  # up to and including the second Fire module: 128 x 15 x 15 at 64 px
-    objective = M.MAEObjective(mae, critic, cfg.alpha, cfg.critic_sigmoid, cfg.weighting)
-    return objective.to(run.device)
-
-
-def alexnet_critic():
-    """torchvision's ImageNet AlexNet up to conv2 + ReLU (an option beyond the paper); needs its weights."""
-    import torchvision
-    try:
-        net = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
-    except Exception as e:
-        raise common.UserError(f"the ImageNet AlexNet weights could not be fetched ({type(e).__name__}): connect to the "
-                               f"network once, or put alexnet-owt-7be5be79.pth into {torch.hub.get_dir()}/checkpoints/, "
-                               f"or use a SqueezeNet critic: {CRITIC_HOWTO}") from None
-    return net.features[:5]
+    if cfg.alpha > 0 and cfg.critic == 'alexnet':  # torchvision's ImageNet AlexNet up to conv2 + ReLU (beyond the study)
+        try:
+            critic = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.IMAGENET1K_V1).features[:5]
+        except Exception as e:
+            raise common.UserError(f"the ImageNet AlexNet weights could not be fetched ({type(e).__name__}): connect "
+                                   f"to the network once, or put alexnet-owt-7be5be79.pth into {torch.hub.get_dir()}"
+                                   f"/checkpoints/, or use a SqueezeNet critic: {CRITIC_HOWTO}") from None
+    elif cfg.alpha > 0:
+        ck = common.load_checkpoint(cfg.critic, kinds=('finetune',))
+        if ck['config'].get('arch') != 'squeezenet':
+            raise common.UserError(f"--critic {cfg.critic} holds a {ck['config'].get('arch')} classifier, not a SqueezeNet critic: {CRITIC_HOWTO}")
+        net = M.build_squeezenet(ck['model_config']['num_classes'])
+        try:
+            M.load_weights(net, ck['model'], what=cfg.critic)
+        except ValueError as e:
+            raise common.UserError(f"{e}; {CRITIC_HOWTO}") from None
+        critic = net.features[:5]  # up to and including the second Fire module: 128 x 15 x 15 at 64 px
+    return M.MAEObjective(mae, critic, cfg.alpha, cfg.critic_sigmoid, cfg.weighting)
 
 
 @torch.no_grad()
@@ -155,72 +131,71 @@ def calibrate(objective, loader, cfg, run):
 
 
 def main(argv=None):
-    cfg, given = common.parse_config(common.script_defaults(globals()), argv)
-    run = common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0)
-    try:
+    cfg, given = common.configure(globals(), argv, CHECKS)
+    with common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0) as run:
         return train(cfg, given, run)
-    finally:
-        run.close()
 
 
 def train(cfg, given, run):
-    ck = None
-    if cfg.bench_steps == 0:
-        ck, cfg = common.check_out_dir(run, cfg, given, 'pretrain', ARCH_KEYS)
-    mcfg = build(cfg, run)
+    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'pretrain', FIXED_ON_RESUME)
+    try:
+        mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
+                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
+                             loss_on_all=cfg.alpha > 0)
+    except ValueError as e:
+        raise common.UserError(str(e)) from None
     device = run.device
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     mae = M.build_mae(mcfg).to(device)
-    objective = make_objective(mae, cfg, run)  # MAE loss, or SMAE with its critic (checked before any data loads)
+    objective = make_objective(mae, cfg).to(device)  # MAE loss, or SMAE with its critic (checked before any data loads)
 
     # data: the whole split as uint8 on the device; batches are gathered, resized and normalised there
-    train_split = common.take_subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download),
-                                     cfg.subset, cfg.seed)
+    train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
     loader = data.DeviceLoader(train_split, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
                                rank=run.rank, world_size=run.world_size, accum_steps=cfg.accum_steps,
                                img_size=mcfg.img_size, augment=data.pretrain_augment if cfg.augment else None)
     steps_per_epoch = loader.steps_per_epoch
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    if cfg.bench_steps:
-        total_steps = cfg.bench_warmup + cfg.bench_steps
+    total_steps = cfg.bench_warmup + cfg.bench_steps if cfg.bench_steps else cfg.epochs * steps_per_epoch
+    warmup_steps = common.warmup_steps(cfg, given, steps_per_epoch, run)
     peak_lr = cfg.lr * cfg.batch_size / 128
 
-    optimizer = common.make_optimizer(common.param_groups(objective, cfg.weight_decay), peak_lr,
-                                      (cfg.beta1, cfg.beta2), device)
+    # optimizer: AdamW, no weight decay on biases and norms, fused into one kernel on CUDA
+    optimizer = torch.optim.AdamW(common.param_groups(objective, cfg.weight_decay), lr=peak_lr,
+                                  betas=(cfg.beta1, cfg.beta2), **(dict(fused=True) if run.cuda else {}))
     step = 0
-    if ck is not None:
+    if ck is not None:  # resume: weights, optimizer, scaler, RNG, SMAE's c and the step
         M.load_weights(mae, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
         objective.load_extra_state(ck.get('objective', {}))
         optimizer.load_state_dict(ck['optimizer'])
-        run.scaler.load_state_dict(ck['scaler'])
+        if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
+            run.scaler.load_state_dict(ck['scaler'])
         common.set_rng_state(ck['rng'])
         step = ck['step']
     elif cfg.alpha > 0:
         calibrate(objective, loader, cfg, run)  # fixes c before optimisation (stored in the checkpoint)
 
-    # fixed val images and masks for pictures and the val loss
-    if cfg.bench_steps == 0:
+    # fixed val images (spread over the split, all classes) for pictures, the val loss and the kNN queries
+    if not cfg.bench_steps:
         val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
         pick = torch.linspace(0, len(val_split.labels) - 1, min(cfg.val_images, len(val_split.labels))).long()
-        val_x, _ = next(data.iterate_batches(val_split.images[pick], val_split.labels[pick], len(pick), device,
-                                             img_size=mcfg.img_size))  # spread over the split (all classes)
+        val_split = data.Split(val_split.images[pick], val_split.labels[pick], val_split.classes)
+        val_x = next(data.iterate_batches(val_split.images, None, len(pick), device, img_size=mcfg.img_size))[0]
+        knn_split = data.subset(train_split, cfg.knn_bank, cfg.seed)
 
     n_params = sum(p.numel() for p in mae.parameters())
-    n_enc = sum(p.numel() for n, p in mae.named_parameters() if not (n.startswith('decoder') or n == 'mask_token'))
-    run.banner(cfg, {'params': f"{n_params / 1e6:.2f}M ({n_enc / 1e6:.2f}M encoder)",
-                     'train images': len(train_split.labels), 'steps/epoch': steps_per_epoch,
-                     'effective batch': cfg.batch_size, 'micro batch': cfg.batch_size // (run.world_size * cfg.accum_steps),
-                     'peak lr': f"{peak_lr:.3g}", 'start step': step})
+    n_enc = sum(p.numel() for p in M.encoder_state_dict(dict(mae.named_parameters())).values())
+    run.banner({'params': f"{n_params / 1e6:.2f}M ({n_enc / 1e6:.2f}M encoder)", 'train images': len(train_split.labels),
+                'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size,
+                'micro batch': loader.micro_batch, 'peak lr': f"{peak_lr:.3g}", 'start step': step})
 
-    # compile the objective (model + loss, + critic for SMAE); keep `mae` raw for saving and pictures
-    step_model, cudagraphs = common.compile_and_wrap(objective, cfg, run)
+    # compile the objective (model + loss, + critic for SMAE) and wrap it for DDP; `mae` stays raw for saving
+    mode = common.compile_mode(cfg, run)
+    step_model = torch.compile(objective, mode=mode) if mode else objective
+    if run.ddp:
+        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    cudagraphs = mode in ('reduce-overhead', 'max-autotune')
     flops = M.flops_per_image(mcfg, cfg.mask) + objective.extra_flops_per_image()
-    meter = common.Throughput(run, flops, total_steps, start_step=step)
-    losses = common.LossMeter(run, cfg.out_dir)
-    bench = common.Benchmark(run, cfg, flops, f"pretrain {cfg.model} mask {cfg.mask} {cfg.masking} alpha {cfg.alpha}",
-                             model=cfg.model, mask=cfg.mask, masking=cfg.masking, alpha=cfg.alpha)
-    stop = common.StopSignal()  # restored when the run closes (run.close)
-    run.on_close(stop.restore)
+    peak = common.peak_flops(run)
     mask_gen = torch.Generator(device=device)
 
     def save(val_loss=None):
@@ -232,70 +207,120 @@ def train(cfg, given, run):
 
     @torch.no_grad()
     def val_loss():
+        """The masked-patch MSE on the fixed val images with fixed masks (the training loss for MAE)."""
         mae.eval()
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        total, n = 0.0, 0
+        g, total = torch.Generator(device=device).manual_seed(cfg.seed), 0.0
         for i in range(0, val_x.shape[0], 256):
             x = val_x[i:i + 256]
             noise = mae.masking_noise(x.shape[0], cfg.mask, cfg.masking, generator=g, device=device)
             with run.autocast:
                 _, pred, m = mae(x, cfg.mask, noise=noise)
-            per_patch = ((pred.float() - mae.pixel_target(x).float()) ** 2).mean(-1)
-            total += ((per_patch * m).sum() / m.sum()).item() * x.shape[0]  # masked-patch MSE, whatever the loss mode
-            n += x.shape[0]
+            total += mae.forward_loss(x, pred, m, on_all=False).item() * x.shape[0]
         mae.train()
-        return total / max(n, 1)
+        return total / val_x.shape[0]
 
+    def knn(what):
+        if not cfg.knn_bank or not run.master:
+            return None
+        t0 = time.time()
+        result = evaluate.knn_top1(mae, knn_split, val_split, run)
+        mae.train()
+        run.log(dict(event='knn', step=step, what=what, **result),
+                f"kNN top-1 on {len(val_split.labels)} val images ({what}): {result['top1']:.2f}% "
+                f"({len(knn_split.labels)} bank, {time.time() - t0:.1f}s)")
+        return result['top1']
+
+    if not cfg.bench_steps and step == 0:
+        knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
+
+    # the loop
     mae.train()
-    t_start, loss_now, vl = time.time(), float('nan'), None
+    t_start = t_log = time.time()
+    loss_sum, n_losses, step_logged, loss_now, vl = torch.zeros((), device=device), 0, step, float('nan'), None
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
-            common.set_lr(optimizer, common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr))
+            if cfg.bench_steps and step == cfg.bench_warmup:  # benchmark: the timed steps start here
+                t_bench = common.bench_start(run)
+            lr_now = common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr_now * group['lr_scale']
             # the masks of the whole global batch are a function of (seed, step): each rank takes its rows
             mask_gen.manual_seed(data.seed_for(cfg.seed, 1, step))
             noise = mae.masking_noise(cfg.batch_size, cfg.mask, cfg.masking, generator=mask_gen, device=device)
             for micro, (x, _) in enumerate(micro_batches):
-                with common.micro_batch(run, step_model, micro, cfg.accum_steps, cudagraphs):
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last step's outputs are consumed
+                # under DDP, gradients are all-reduced once per optimizer step, on its last micro-batch
+                with step_model.no_sync() if run.ddp and micro < cfg.accum_steps - 1 else contextlib.nullcontext():
                     with run.autocast:
                         loss = step_model(x, cfg.mask, noise[loader.rows(micro)])
                     run.scaler.scale(loss / cfg.accum_steps).backward()
-                losses.add(loss, x.shape[0])
-            common.optimizer_step(run, optimizer, objective.parameters(), cfg.grad_clip)
+                loss_sum += loss.detach()  # summed on the device: no host sync per step
+                n_losses += 1
+            if cfg.grad_clip > 0:
+                run.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
+            run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             if cfg.bench_steps:
-                result = bench.after_step(step, losses)
-                if result:
-                    return result
+                if step == total_steps:
+                    return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
+                                               f"pretrain {cfg.model} mask {cfg.mask} {cfg.masking} alpha {cfg.alpha}")
                 continue
 
-            stopping = common.stop_requested(run, stop, step, cfg.log_every)
+            # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
             end_of_epoch = step % steps_per_epoch == 0
-            if step % max(1, cfg.log_every) == 0 or step == total_steps or stopping or end_of_epoch:
-                loss_now = common.log_train(run, losses, meter, step, steps_per_epoch, total_steps,
-                                            optimizer.param_groups[0]['lr'])
-            if stopping:
-                return common.preempt(run, cfg.out_dir, step, save)
+            log_now = step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
+            stopping = bool(run.mean(run.stop_signal)) if run.ddp else bool(run.stop_signal)  # ranks agree
+            if log_now or stopping:
+                loss_now = run.mean(loss_sum.item() / n_losses)
+                if not math.isfinite(loss_now):
+                    kept = (f"the last good checkpoint {cfg.out_dir}/ckpt.pt is untouched"
+                            if os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')) else "no checkpoint was written")
+                    raise common.NonFiniteLoss(f"loss became {loss_now} at step {step}; {kept}: lower --lr, set "
+                                               f"--grad_clip 1.0, or use --dtype bfloat16")
+                dt, t_log = time.time() - t_log, time.time()
+                ips = (step - step_logged) * cfg.batch_size / dt
+                mfu = ips * flops / (peak * run.world_size) if peak else None
+                eta = (total_steps - step) * dt / (step - step_logged)
+                run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now, lr=lr_now,
+                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
+                        f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
+                        f"lr {lr_now:.2e} | {ips:,.0f} img/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+                        + f" | eta {common.fmt_eta(eta)}")
+                loss_sum.zero_()
+                n_losses, step_logged = 0, step
+            if stopping:  # SIGTERM (pre-emption) or Ctrl-C: save where we are and say how to continue
+                if run.master:
+                    save()
+                run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; continue "
+                          f"with: python pretrain.py --resume true --out_dir {cfg.out_dir}")
+                return 128 + run.stop_signal
             if end_of_epoch:
                 done = step // steps_per_epoch
-                last = step == total_steps
-                if run.master and (done % cfg.picture_every == 0 or last):
-                    common.reconstruction_grid(mae, val_x[::max(1, len(val_x) // 8)][:8], cfg.mask, cfg.masking, cfg.seed,
-                                               os.path.join(cfg.out_dir, f"recon_ep{done:04d}.png"))
-                if done % cfg.ckpt_every == 0 or last:
-                    vl = val_loss() if run.master else None
-                    if run.master:
-                        save(vl)
-                        run.log(dict(event='checkpoint', step=step, epoch=done, val_loss=vl),
-                                f"epoch {done}: val masked-patch loss {vl:.4f}; saved {cfg.out_dir}/ckpt.pt")
-                    run.barrier()
+                checkpoint = done % cfg.ckpt_every == 0 or step == total_steps
+                if run.master and checkpoint:
+                    vl, top1 = val_loss(), knn(f"epoch {done}")
+                    save(vl)
+                    run.log(dict(event='checkpoint', step=step, epoch=done, val_loss=vl, knn_top1=top1),
+                            f"epoch {done}: val masked-patch loss {vl:.4f}; saved {cfg.out_dir}/ckpt.pt")
+                if run.master and (done % cfg.picture_every == 0 or step == total_steps):
+                    evaluate.reconstruction_grid(mae, val_x[::max(1, len(val_x) // 8)][:8], cfg.mask, cfg.masking,
+                                                 cfg.seed, os.path.join(cfg.out_dir, f"recon_ep{done:04d}.png"),
+                                                 f"{cfg.out_dir}, epoch {done}" + (f", val loss {vl:.4f}" if vl else ""))
+                if run.ddp and checkpoint:
+                    torch.distributed.barrier()
+
     if run.master:  # the run's summary; its presence also marks the run as finished (reproduce.sh skips it)
         summary = dict(script='pretrain', model=cfg.model, dataset=cfg.dataset, mask=cfg.mask, masking=cfg.masking,
-                       alpha=cfg.alpha, epochs=cfg.epochs, steps=step, final_loss=loss_now,
-                       val_loss=vl, wall_s=round(time.time() - t_start, 1), config=vars(cfg))
-        common.write_text_atomic(json.dumps(summary, indent=1), os.path.join(cfg.out_dir, 'results.json'))
-    run.print(f"done: {cfg.out_dir}/ckpt.pt")
+                       alpha=cfg.alpha, epochs=cfg.epochs, steps=step, final_loss=loss_now, val_loss=vl,
+                       wall_s=round(time.time() - t_start, 1), config=vars(cfg))
+        common.save_atomic(json.dumps(summary, indent=1), os.path.join(cfg.out_dir, 'results.json'))
+    run.print(f"done in {time.time() - t_start:.0f}s: {cfg.out_dir}/ckpt.pt")
     return 0
 
 

@@ -2,7 +2,7 @@
 Linear probing of a frozen pre-trained encoder (the official MAE protocol: BatchNorm without affine parameters,
 then a Linear layer, on the encoder's cls feature).
 
-    python probe.py --ckpt out/pretrain/ckpt.pt                         # the paper's 50-epoch probe on Tiny ImageNet
+    python probe.py --ckpt out/pretrain/ckpt.pt                         # the study's 50-epoch probe on Tiny ImageNet
     python probe.py --ckpt out/pretrain/ckpt.pt --dataset cub --out_dir out/probe_cub
 
 There is no augmentation, so the frozen features of the train and val splits are extracted once (eval mode,
@@ -11,16 +11,17 @@ drawn from (seed, epoch). A 50-epoch probe on TIN takes seconds on a GPU. Writes
 ckpt.pt (kind 'probe': the head's weights) and log.jsonl.
 
 Under torchrun only rank 0 probes (feature extraction is cheap); the other ranks exit at once.
---resume true reruns the probe from the start in an out_dir that holds a probe.py run (it takes seconds, so
-there is nothing worth continuing); without it, an out_dir holding any checkpoint is refused.
+--resume true with more --epochs reruns an unfinished or shorter probe in its own out_dir from the start (it takes
+seconds, so there is nothing worth continuing); a finished probe is never rewritten, and an out_dir holding any
+other checkpoint is refused.
 
 The functions extract_features, train_linear_head and accuracy are public: evaluate.py calls them.
 """
 import contextlib
 import json
-from dataclasses import asdict
 import os
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -31,14 +32,14 @@ import data
 import model as M
 
 # -----------------------------------------------------------------------------
-# config: the paper's linear-probe recipe (PAPER.md section 3)
+# config: the study's linear-probe recipe (the study's Table 6; the README's recipe table)
 # data
 dataset = 'tin'             # tin | cub (val = the official test split) | demo (embedded, no download) | synthetic
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
 subset = 0                  # >0: train the head on a fixed random subset of this many images (val is always whole)
 # model
-ckpt = ''                   # pretrain.py checkpoint whose frozen encoder is probed (required)
+ckpt = ''                   # pretrain.py or dino.py checkpoint whose frozen encoder is probed (required)
 model = 'vit_lite'          # the checkpoint's architecture is used; a given --model is checked against it
 img_size = 0                # input resolution; 0 = the checkpoint's
 pool = 'cls'                # feature: cls token (official) | mean of the patch tokens
@@ -50,32 +51,35 @@ lr = 1e-3                   # Adam learning rate at batch 128; scaled linearly: 
 beta1 = 0.9                 # Adam beta1
 beta2 = 0.95                # Adam beta2 (no weight decay)
 # system
-device = 'auto'             # auto (cuda if available) | cuda | cpu
+device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast of the feature extraction on CUDA: bfloat16 | float16 | float32; the head trains in float32
 seed = 0                    # seeds the head's initialisation and the order of the features
 feature_batch = 512         # images per encoder forward pass when extracting features
 # output
 out_dir = 'out/probe'       # results.json, ckpt.pt, log.jsonl
-resume = False              # rerun the probe in an out_dir that already holds a probe.py run (it takes seconds)
+resume = False              # rerun the probe (with more --epochs) in an out_dir that holds a probe.py run
 log_every = 1               # epochs between printed lines (every epoch is in log.jsonl)
 # -----------------------------------------------------------------------------
 
-ARCH_KEYS = ()  # a rerun with --resume true may change anything
+CHECKS = [(lambda c: c.ckpt, "probe.py needs --ckpt: the pretrain.py checkpoint whose frozen encoder is probed "
+                            "(a pre-training run writes <out_dir>/ckpt.pt)")]
 
 
 @torch.no_grad()
 def extract_features(encoder, images_uint8, labels, device, batch_size=512, img_size=None, pool='cls',
-                     autocast=contextlib.nullcontext()):
+                     autocast=contextlib.nullcontext(), progress=None):
     """Frozen features of uint8 images (N, 3, 64, 64): (features float32 (N, D) on device, labels int64 on device,
-    or None if labels is None). The encoder is put in eval() mode; img_size None = encoder.cfg.img_size."""
+    or None if labels is None). The encoder is put in eval() mode; img_size None = encoder.cfg.img_size.
+    progress: a common.Run to print progress on during long extractions."""
     encoder.eval()
     img_size = img_size or encoder.cfg.img_size
-    feats, ys = [], []
+    feats, ys, meter = [], [], common.Progress('features', len(images_uint8), progress)
     for x, y in data.iterate_batches(images_uint8, labels, batch_size, device, img_size=img_size):
         with autocast:
             f = encoder.forward_features(x, pool=pool)
         feats.append(f.float())
         ys.append(y)
+        meter.update(sum(len(f) for f in feats))
     if not feats:
         raise ValueError("extract_features got no images")
     return torch.cat(feats), (None if labels is None else torch.cat(ys))
@@ -114,7 +118,7 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
     device = train_feats.device
     n, dim = train_feats.shape
     head = make_head(dim, num_classes, seed).to(device)
-    optimizer = common.make_optimizer(common.param_groups(head, 0.0), lr, betas, device, adam=True)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, betas=betas)
     steps_per_epoch = max(1, n // batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     gen = torch.Generator(device=device)
@@ -126,7 +130,7 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
         loss_sum = torch.zeros((), device=device)
         for i in range(steps_per_epoch):
             lr_now = common.get_lr(step, total_steps, warmup_steps, lr)
-            common.set_lr(optimizer, lr_now)
+            optimizer.param_groups[0]['lr'] = lr_now
             idx = perm[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -151,70 +155,58 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
 
 
 def main(argv=None):
-    cfg, given = common.parse_config(common.script_defaults(globals()), argv)
-    run = common.Run(cfg, 'probe')
-    try:
-        return probe(cfg, given, run)
-    finally:
-        run.close()
+    cfg, given = common.configure(globals(), argv, CHECKS)
+    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))  # a wrong --ckpt fails before anything is written
+    with common.Run(cfg, 'probe', lock=int(os.environ.get('RANK', 0)) == 0, training=False) as run:
+        if not run.master:
+            return 0  # rank 0 does the whole probe: the features take seconds to extract
+        return probe(cfg, given, pre, run)
 
 
-def probe(cfg, given, run):
-    if not run.master:
-        return 0  # rank 0 does the whole probe: the features take seconds to extract
+def probe(cfg, given, pre, run):
     t_start = time.time()
-    _, cfg = common.check_out_dir(run, cfg, given, 'probe', ARCH_KEYS)  # refuses another run's out_dir
-    if not cfg.ckpt:
-        raise common.UserError("probe.py needs --ckpt: the pretrain.py checkpoint whose frozen encoder is probed "
-                               "(a pre-training run writes <out_dir>/ckpt.pt)")
-    if cfg.pool not in ('cls', 'mean'):
-        raise common.UserError(f"--pool must be cls or mean, got {cfg.pool!r}")
-    if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.feature_batch < 1:
-        raise common.UserError("--epochs must be >= 0 and --batch_size, --feature_batch >= 1")
+    _, cfg = common.check_out_dir(run, cfg, given, 'probe', ())  # refuses another run's out_dir and a finished probe
     device = run.device
-    encoder, pre = common.load_encoder(cfg.ckpt, num_classes=0, expect_model=cfg.model if 'model' in given else None,
-                                       img_size=cfg.img_size or None)
+    encoder, _ = common.load_encoder(cfg.ckpt, expect_model=cfg.model if 'model' in given else None, loaded=pre,
+                                     img_size=cfg.img_size or None)
     cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually probed
     encoder = encoder.to(device).requires_grad_(False)
-    train_split = common.take_subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download),
-                                     cfg.subset, cfg.seed)
+    train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
     val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
     num_classes = train_split.num_classes
     peak_lr = cfg.lr * cfg.batch_size / 128
-    run.banner(cfg, {'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} "
-                                f"(pre-trained {pre.get('epoch', 0):.0f} epochs)",
-                     'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)",
-                     'classes': num_classes, 'train images': len(train_split.labels),
-                     'val images': len(val_split.labels), 'peak lr': f"{peak_lr:.3g}"})
+    run.banner({'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)",
+                'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)", 'classes': num_classes,
+                'train images': len(train_split.labels), 'val images': len(val_split.labels), 'peak lr': f"{peak_lr:.3g}"})
 
     t0 = time.time()
-    kw = dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast)
+    kw = dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast, progress=run)
     train_f, train_y = extract_features(encoder, train_split.images, train_split.labels, device, **kw)
     val_f, val_y = extract_features(encoder, val_split.images, val_split.labels, device, **kw)
-    if run.cuda:
-        torch.cuda.synchronize()
-    run.log(dict(event='features', train=len(train_f), val=len(val_f), dim=train_f.shape[1], seconds=time.time() - t0),
-            f"features: {len(train_f)} train + {len(val_f)} val of dim {train_f.shape[1]} ({cfg.pool}) in {time.time() - t0:.1f}s")
+    feature_s = time.time() - t0  # (extract_features' .float() results are read back below: no sync needed here)
+    run.log(dict(event='features', train=len(train_f), val=len(val_f), dim=train_f.shape[1], seconds=feature_s),
+            f"features: {len(train_f)} train + {len(val_f)} val of dim {train_f.shape[1]} ({cfg.pool}) in {feature_s:.1f}s")
 
     def log(record, line):
-        run.log(record, line if record['epoch'] % max(1, cfg.log_every) == 0 or record['epoch'] == cfg.epochs else None)
+        run.log(record, line if record['epoch'] % cfg.log_every == 0 or record['epoch'] == cfg.epochs else None)
     t0 = time.time()
     out = train_linear_head(train_f, train_y, val_f, val_y, num_classes, epochs=cfg.epochs,
-                            warmup_epochs=cfg.warmup_epochs, batch_size=cfg.batch_size, lr=peak_lr,
-                            betas=(cfg.beta1, cfg.beta2), seed=cfg.seed, log=log)
-    seconds = time.time() - t0
+                            warmup_epochs=common.warmup_steps(cfg, given, 1, run),  # (in epochs: one 'step' per epoch)
+                            batch_size=cfg.batch_size, lr=peak_lr, betas=(cfg.beta1, cfg.beta2), seed=cfg.seed, log=log)
+    head_s, wall_s = time.time() - t0, time.time() - t_start
     common.save_atomic({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': asdict(encoder.cfg),
                         'config': vars(cfg), 'encoder_ckpt': cfg.ckpt, 'pool': cfg.pool, 'num_classes': num_classes,
-                        'epoch': cfg.epochs, 'top1': out['top1'], 'top5': out['top5'], 'classes': list(train_split.classes)},
-                       os.path.join(cfg.out_dir, 'ckpt.pt'))
+                        'step': cfg.epochs, 'epoch': cfg.epochs, 'top1': out['top1'], 'top5': out['top5'],
+                        'classes': list(train_split.classes)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
     results = dict(top1=out['top1'], top5=out['top5'], best_top1=out['best_top1'], best_epoch=out['best_epoch'],
                    epoch=cfg.epochs, dataset=cfg.dataset, model=cfg.model, ckpt=cfg.ckpt, pool=cfg.pool,
                    num_classes=num_classes, train_images=len(train_f), val_images=len(val_f), peak_lr=peak_lr,
-                   seconds=round(seconds, 2), wall_s=round(time.time() - t_start, 1), history=out['history'],
-                   config=vars(cfg))
-    common.write_text_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
-    run.print(f"done: linear probe val top-1 {out['top1']:.2f}% top-5 {out['top5']:.2f}% (best top-1 "
-              f"{out['best_top1']:.2f}% at epoch {out['best_epoch']}) in {seconds:.1f}s; {cfg.out_dir}/results.json")
+                   feature_s=round(feature_s, 2), head_s=round(head_s, 2), wall_s=round(wall_s, 1),
+                   history=out['history'], config=vars(cfg))
+    common.save_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
+    run.print(f"done in {wall_s:.1f}s (features {feature_s:.1f}s, head {head_s:.1f}s): linear probe val top-1 "
+              f"{out['top1']:.2f}% top-5 {out['top5']:.2f}% (best top-1 {out['best_top1']:.2f}% at epoch "
+              f"{out['best_epoch']}); {cfg.out_dir}/results.json")
     return 0
 
 

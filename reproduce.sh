@@ -7,7 +7,8 @@
 #
 # Environment: OUT (default out/study), LAUNCH (default "python3"; e.g. "torchrun --nproc_per_node=2"),
 # RATIOS (the mask-ratio sweep, default "50 60 65 70 75 80 85 90"), DATA_DIR (default data), VARIANTS (the
-# pre-training variants to run, default all: mae_random mae_block50 smae_random smae_block50 smae1_random smae1_block50).
+# pre-training variants to run, default all: mae_random mae_block50 smae_random smae_block50 smae1_random smae1_block50
+# dino).
 # Every result lands in $OUT/<step>/results.json; the table beside the paper's numbers in $OUT/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,7 +16,7 @@ MODE=${1:-full}
 OUT=${OUT:-out/study}
 LAUNCH=${LAUNCH:-python3}
 DATA_DIR=${DATA_DIR:-data}
-VARIANTS=${VARIANTS:-"mae_random mae_block50 smae_random smae_block50 smae1_random smae1_block50"}
+VARIANTS=${VARIANTS:-"mae_random mae_block50 smae_random smae_block50 smae1_random smae1_block50 dino"}
 
 if [ "$MODE" = quick ]; then
   TIN=(--dataset demo --data_dir "$DATA_DIR")
@@ -88,6 +89,13 @@ variant smae_random "SMAE a=0.5 random 75%" 54.40 41.50 --alpha 0.5 --critic "$C
 variant smae_block50 "SMAE a=0.5 block 50%" 53.90 47.50 --alpha 0.5 --critic "$CRITIC_CKPT" --masking block --mask 0.5
 variant smae1_random "SMAE a=1 random 75%" 52.70 39.67 --alpha 1 --critic "$CRITIC_CKPT"
 variant smae1_block50 "SMAE a=1 block 50%" 51.05 42.90 --alpha 1 --critic "$CRITIC_CKPT" --masking block --mask 0.5
+
+# the DINO baseline (Table 1): dino.py's defaults are the study's DINO recipe; then the same two fine-tunes
+if [[ " $VARIANTS " == *" dino "* ]]; then
+  step dino "DINO: pre-training (kNN top-1 in its results.json)" "-" dino.py "${TIN[@]}" "${PRETRAIN[@]}"
+  step dino_ft_tin "DINO: fine-tune, TIN top-1" 41.72 finetune.py --ckpt "$OUT/dino/ckpt.pt" "${TIN[@]}" "${FINETUNE[@]}"
+  step dino_ft_cub "DINO: transfer, CUB top-1" 24.09 finetune.py --ckpt "$OUT/dino/ckpt.pt" "${CUB[@]}" "${FINETUNE[@]}"
+fi
 
 # the mask-ratio sweep: linear probe accuracy on TIN
 paper_probe() {

@@ -32,7 +32,7 @@ def tiny(tmp_path):
 def script_argv(script, argv):
     """An argv (pairs of --name value) without the names `script` does not have (e.g. pretrain's val_images)."""
     import common
-    known = common.script_defaults(vars(script))
+    known = common.defaults(vars(script))
     pairs = list(zip(argv[::2], argv[1::2]))
     return [a for name, value in pairs if name[2:] in known for a in (name, value)]
 

@@ -53,7 +53,8 @@ def test_psnr_ssim_equal_direct_scikit_image_calls():
     psnr, ssim = evaluate.image_metrics(pred, target)
     for i in range(len(a)):
         assert psnr[i] == peak_signal_noise_ratio(target[i], pred[i], data_range=1.0)
-        assert ssim[i] == structural_similarity(target[i], pred[i], data_range=1.0, channel_axis=-1)
+        assert ssim[i] == structural_similarity(target[i], pred[i], data_range=1.0, channel_axis=-1, gaussian_weights=True,
+                                                sigma=1.5, use_sample_covariance=False)  # Wang et al.'s convention
     # the pool task sums the same numbers
     sums = evaluate._metrics_chunk({'model': pred}, target)['model']
     assert sums[0] == pytest.approx(psnr.sum()) and sums[1] == pytest.approx(ssim.sum())
@@ -166,19 +167,21 @@ def test_end_to_end_on_demo(ckpt, tmp_path, monkeypatch):
         assert 0 < rec[kind]['psnr'] < 100 and 0 < rec[kind]['ssim'] < 1 and rec[kind]['lpips'] > 0
     assert rec['mean_colour_floor']['psnr'] < rec['interpolation_floor']['psnr']
     assert rec['masked_mse'] > 0
-    knn = res['knn']['demo']
-    assert knn['available'] and knn['bank'] == 256 and knn['queries'] == 96 and 0 <= knn['top1'] <= knn['top5']
-    assert res['linear_probe']['epochs'] == 2 and 0 <= res['linear_probe']['top1'] <= 100
-    assert res['references'] == {}  # demo: no paper number applies
+    rep = res['representation']['demo']
+    for kind in evaluate.FEATURES:  # the model and its two floors, each by kNN and by the probe, on the same split
+        assert 0 <= rep[kind]['knn']['top1'] <= rep[kind]['knn']['top5'] <= 100
+        assert rep[kind]['probe']['epochs'] == 2 and 0 <= rep[kind]['probe']['top1'] <= 100
+    assert res['references'] == {}  # demo: no number of the study applies
     md = (out / 'eval.md').read_text()
     assert 'floor: interpolation' in md and 'linear probe' in md and 'kNN' in md
+    assert 'floor: random-init encoder' in md and 'floor: raw pixels' in md and 'Gaussian window, sigma 1.5' in md
     assert (out / 'recon.png').stat().st_size > 1000
     assert not (out / '.lock').exists()
     # the masks are fixed by the seed, not by the batch size, and the pool gives what one process gives
     ck = common.load_checkpoint(ckpt)
     mae = M.build_mae(M.ViTConfig(**ck['model_config']))
     M.load_weights(mae, ck['model'])
-    val = common.take_subset(data.load_split('demo', 'val'), 96, 0)
+    val = data.subset(data.load_split('demo', 'val'), 96, 0)
     run = SimpleNamespace(device=torch.device('cpu'), autocast=contextlib.nullcontext())
     cfg = SimpleNamespace(seed=0, workers=1, batch_size=40)
     again = evaluate.reconstruction_metrics(mae, val, 0.75, 'random', cfg, run, lpips_net=None)
@@ -209,7 +212,7 @@ def test_lpips_unavailable_and_missing_transfer_dataset(ckpt, tmp_path, monkeypa
     assert res['lpips']['available'] is False
     assert all(res['reconstruction'][kind]['lpips'] is None for kind in evaluate.KINDS)
     assert res['reconstruction']['model']['psnr'] > 0
-    assert res['knn']['cub']['available'] is False and 'cub' in res['knn']['cub']['reason']
+    assert res['representation']['cub']['available'] is False and 'cub' in res['representation']['cub']['reason']
     md = (out / 'eval.md').read_text()
     assert '| unavailable |' in md and md.count('unavailable') >= 4
 

@@ -3,6 +3,7 @@ weights are the ones trained; layer-wise lr decay; exact resume; SIGTERM; one-li
 import json
 import os
 import shutil
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -79,7 +80,7 @@ def test_from_scratch_and_the_squeezenet_critic(ft, tmp_path):
     assert ck['kind'] == 'finetune' and ck['config']['arch'] == 'squeezenet' and ck['model_config']['num_classes'] == 8
     mae = M.build_mae(M.make_config('vit_lite', img_size=32, patch_size=8, loss_on_all=True))
     cfg = SimpleNamespace(alpha=0.5, weighting='fixed', critic=path, critic_sigmoid=True)
-    objective = pretrain.make_objective(mae, cfg, SimpleNamespace(device=torch.device('cpu')))
+    objective = pretrain.make_objective(mae, cfg)
     assert torch.equal(objective.critic[0].weight, ck['model']['features.0.weight'])
 
 
@@ -97,8 +98,9 @@ def test_layer_decay_scales():
         assert scale[id(named[name])] == pytest.approx(s), name
     assert decay[id(named['head.bias'])] == 0.0 and decay[id(named['head.weight'])] == 0.05
     assert len(scale) == len(named)  # every parameter is in exactly one group
-    opt = common.make_optimizer(groups, 1.0, (0.9, 0.999), torch.device('cpu'))
-    common.set_lr(opt, 2.0)
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    for group in opt.param_groups:  # what the loop does each step
+        group['lr'] = 2.0 * group['lr_scale']
     assert sorted({g['lr'] for g in opt.param_groups}) == pytest.approx(sorted({2.0 * 0.75 ** k for k in range(9)}))
     # off: one scale
     assert {g['lr_scale'] for g in finetune.optimizer_groups(net, SimpleNamespace(arch='vit', layer_decay=1.0,
@@ -127,12 +129,14 @@ def test_resume_is_bit_identical(ft, pre, tmp_path):
 
 
 def test_sigterm_saves_and_exits_preempted(ft, tmp_path, monkeypatch):
-    class Stopped(common.StopSignal):  # as if SIGTERM arrived during the first step
-        def __init__(self):
-            super().__init__()
-            self.requested = True
-    monkeypatch.setattr(common, 'StopSignal', Stopped)
-    assert finetune.main(ft('--epochs', 2)) == common.PREEMPTED_EXIT_CODE
+    real_enter = common.Run.__enter__
+
+    def signalled(self):  # as if SIGTERM arrived during the first step
+        real_enter(self)
+        self._on_signal(signal.SIGTERM, None)
+        return self
+    monkeypatch.setattr(common.Run, '__enter__', signalled)
+    assert finetune.main(ft('--epochs', 2)) == 128 + signal.SIGTERM
     ck = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert ck['step'] == 1 and not (tmp_path / 'run' / 'results.json').exists()
 
@@ -153,10 +157,10 @@ def test_errors_name_the_file(ft, pre, tmp_path):
     fails(f'{garbage} is not a readable checkpoint', '--ckpt', str(garbage))
     other = tmp_path / 'finetuned.pt'
     torch.save({'kind': 'finetune', 'model': {}, 'config': {}}, other)
-    fails(f'{other} is a finetune.py checkpoint, but a pretrain.py checkpoint is expected', '--ckpt', str(other))
+    fails(f'{other} is a finetune.py checkpoint, but a pretrain.py or dino.py checkpoint is expected', '--ckpt', str(other))
     fails(f'--arch squeezenet .*no MAE pre-training.*--ckpt {pre}', '--arch', 'squeezenet', '--ckpt', pre)
     fails(f'{pre} holds a vit_lite encoder but --model is vit_small', '--ckpt', pre, '--model', 'vit_small')
-    fails('--arch must be vit or squeezenet', '--arch', 'resnet')
+    fails("--arch must be one of vit, squeezenet, got 'resnet'", '--arch', 'resnet')
     # an out_dir holding another run's checkpoint is refused
     os.makedirs(tmp_path / 'busy')
     shutil.copy(pre, tmp_path / 'busy' / 'ckpt.pt')
@@ -168,7 +172,7 @@ def test_errors_name_the_file(ft, pre, tmp_path):
 
 
 def test_defaults_are_the_papers_recipe():
-    d = common.script_defaults(vars(finetune))
+    d = common.defaults(vars(finetune))
     assert (d['dataset'], d['epochs'], d['warmup_epochs'], d['batch_size'], d['augment']) == ('tin', 100, 5, 128, True)
     assert (d['weight_decay'], d['beta1'], d['beta2'], d['layer_decay'], d['arch'], d['ckpt']) == (0.05, 0.9, 0.999, 1.0, 'vit', '')
     assert d['lr'] == 0.0

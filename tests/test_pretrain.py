@@ -56,11 +56,11 @@ DEFAULTS = dict(mask=0.75, epochs=400, compile=True, model='vit_lite', masking='
 
 
 def test_overrides_both_spellings_and_types():
-    cfg, given = common.parse_config(DEFAULTS, ['--mask', '0.5', '--epochs=3', '--compile', 'false', '--model=vit_tiny'])
+    cfg, given = common.configure(DEFAULTS, ['--mask', '0.5', '--epochs=3', '--compile', 'false', '--model=vit_tiny'])
     assert (cfg.mask, cfg.epochs, cfg.compile, cfg.model) == (0.5, 3, False, 'vit_tiny')
     assert given == {'mask', 'epochs', 'compile', 'model'}
     assert cfg.masking == 'random'
-    cfg, _ = common.parse_config(dict(lr=5e-4), ['--lr', '1'])  # an int where a float is expected is fine
+    cfg, _ = common.configure(dict(lr=5e-4), ['--lr', '1'])  # an int where a float is expected is fine
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
 
 
@@ -74,15 +74,15 @@ def test_overrides_both_spellings_and_types():
 ])
 def test_override_errors(argv, msg):
     with pytest.raises(common.UserError, match=msg):
-        common.parse_config(DEFAULTS, argv)
+        common.configure(DEFAULTS, argv)
 
 
 def test_every_documented_name_exists():
-    names = common.script_defaults(vars(pretrain))
+    names = common.defaults(vars(pretrain))
     for n in ('dataset', 'data_dir', 'out_dir', 'model', 'epochs', 'batch_size', 'mask', 'masking',
               'norm_pix_loss', 'seed', 'device', 'dtype', 'compile', 'resume'):
         assert n in names
-    # the paper's recipe (PAPER.md section 3) is the default
+    # the study's recipe (its Table 6) is the default
     assert (names['model'], names['mask'], names['masking'], names['norm_pix_loss']) == ('vit_lite', 0.75, 'random', False)
     assert (names['lr'], names['batch_size'], names['weight_decay'], names['beta1'], names['beta2']) == (5e-4, 128, 0.15, 0.9, 0.95)
     assert (names['epochs'], names['warmup_epochs'], names['augment'], names['dataset']) == (400, 20, False, 'tin')

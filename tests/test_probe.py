@@ -38,12 +38,16 @@ def test_probe_end_to_end_beats_chance(pr, tmp_path):
     lines = [json.loads(r) for r in open(out / 'log.jsonl')]
     assert [r['epoch'] for r in lines if r['event'] == 'probe'] == list(range(1, 31))
     assert not (out / '.lock').exists()
-    # the out_dir now holds a probe run: refused without --resume; --resume true reruns the probe there
+    # the out_dir now holds a finished probe run: refused without --resume, and with --resume unless it is extended
+    before = (out / 'results.json').read_bytes()
     with pytest.raises(common.UserError, match='already holds a checkpoint'):
         probe.main(pr('--epochs', 2))
-    assert probe.main(pr('--epochs', 2, '--subset', 32, '--resume', 'true')) == 0
+    with pytest.raises(common.UserError, match='is a finished run of 30 epochs.*--epochs N with N > 30'):
+        probe.main(pr('--resume', 'true'))
+    assert (out / 'results.json').read_bytes() == before, "a finished run was rewritten"
+    assert probe.main(pr('--epochs', 32, '--subset', 32, '--resume', 'true')) == 0  # extended: rerun with more epochs
     res = json.load(open(out / 'results.json'))
-    assert res['epoch'] == 2 and res['train_images'] == 32
+    assert res['epoch'] == 32 and res['train_images'] == 32
 
 
 def test_encoder_is_the_checkpoints_and_stays_frozen(pre, tmp_path):
@@ -123,7 +127,7 @@ def test_errors_name_the_file(pr, pre, tmp_path, tiny):
     fails(f'{garbage} is not a readable checkpoint', pr('--ckpt', str(garbage), out=f'e{next(n)}'))
     other = tmp_path / 'finetuned.pt'
     torch.save({'kind': 'finetune', 'model': {}, 'config': {}}, other)
-    fails(f'{other} is a finetune.py checkpoint, but a pretrain.py checkpoint is expected',
+    fails(f'{other} is a finetune.py checkpoint, but a pretrain.py or dino.py checkpoint is expected',
           pr('--ckpt', str(other), out=f'e{next(n)}'))
     fails(f'{pre} holds a vit_lite encoder but --model is vit_small', pr('--model', 'vit_small', out=f'e{next(n)}'))
-    fails('--pool must be cls or mean', pr('--pool', 'max', out=f'e{next(n)}'))
+    fails("--pool must be one of cls, mean, got 'max'", pr('--pool', 'max', out=f'e{next(n)}'))

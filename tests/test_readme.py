@@ -34,7 +34,7 @@ def number(text):
 
 def test_recipe_table_equals_script_defaults():
     rows = recipe_table()
-    pt, ft, pr = (common.script_defaults(vars(m)) for m in (pretrain, finetune, probe))
+    pt, ft, pr = (common.defaults(vars(m)) for m in (pretrain, finetune, probe))
     assert rows['optimizer'] == ['AdamW', 'AdamW', 'Adam']
     # learning rate at batch 128 (fine-tuning: 0 means the recipe's, 1e-3 or 5e-4 on CUB)
     assert number(rows['lr'][0]) == pt['lr']

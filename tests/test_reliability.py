@@ -84,7 +84,7 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(tiny, tmp_path, straight):
     wait_for_log(out, lambda r: r['event'] == 'train' and r['step'] >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == common.PREEMPTED_EXIT_CODE, stderr[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert 'stopped by signal' in stdout and '--resume true' in stdout
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
     assert 3 <= ck['step'] < 24
@@ -113,7 +113,7 @@ def one_line_error(code, err, *needles):
 @pytest.mark.parametrize('extra, needles', [
     (('--maks', 0.5), ['unknown config name --maks', 'did you mean --mask']),
     (('--epochs', 'two'), ['--epochs expects an integer']),
-    (('--mask', 1.5), ['--mask must be in (0, 1)']),
+    (('--mask', 1.5), ['mask ratio (--mask) must be in (0, 1), got 1.5']),
     (('--img_size', 30), ['img_size 30 is not divisible by patch_size 8']),
     (('--alpha', 0.5), ['needs a perceptual critic', 'finetune.py --arch squeezenet']),
     (('--resume', 'true'), ['no checkpoint at', 'run without --resume']),
@@ -213,13 +213,38 @@ def test_resume_with_contradicting_architecture_is_refused(tiny, tmp_path, capsy
 
 
 def test_two_runs_in_one_out_dir_are_refused(tiny, tmp_path, capsys, monkeypatch):
-    os.makedirs(tmp_path / 'run')
-    (tmp_path / 'run' / '.lock').write_text(f"{os.getpid()} finetune\n")  # a live process holds it
-    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'is in use by finetune')
+    held = common.lock_out_dir(str(tmp_path / 'run'), 'finetune')  # another run holds the out_dir
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'is in use by finetune (pid')
     assert not (tmp_path / 'run' / 'ckpt.pt').exists()
-    # a stale lock (its process is gone) is taken over
-    (tmp_path / 'run' / '.lock').write_text("999999999 pretrain\n")
+    common.unlock_out_dir(held, str(tmp_path / 'run'))
+    # what a killed run leaves (its .lock note, a half-written save) does not block the next one, which cleans up
+    (tmp_path / 'run' / '.lock').write_text("pretrain (pid 999999999)")
+    (tmp_path / 'run' / 'ckpt.pt.tmp.999999999').write_bytes(b'PK partial')
     assert pretrain.main(tiny('--epochs', 1)) == 0
+    assert sorted(os.listdir(tmp_path / 'run')) == ['ckpt.pt', 'log.jsonl', 'recon_ep0001.png', 'results.json']
+
+
+def _race_for_the_lock(out, barrier, results):
+    barrier.wait()  # both processes ask at the same instant
+    try:
+        common.lock_out_dir(out, 'race')
+        results.put('got it')
+        time.sleep(0.3)  # hold it while the other one asks
+    except common.UserError:
+        results.put('refused')
+
+
+def test_the_lock_is_atomic_under_simultaneous_starts(tmp_path):
+    import multiprocessing
+    ctx = multiprocessing.get_context('fork')
+    for trial in range(24):
+        out, barrier, results = str(tmp_path / f'race{trial}'), ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_race_for_the_lock, args=(out, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert sorted(results.get(timeout=5) for _ in range(2)) == ['got it', 'refused'], f"trial {trial}"
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
@@ -231,7 +256,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         f.write(b'PK partial')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', dies_halfway)
-    with pytest.raises(OSError):
+    with pytest.raises(common.UserError, match=r'No space left on device\); the previous ckpt.pt is intact'):
         common.save_atomic({'kind': 'pretrain', 'model': {}, 'v': 2}, path)
     monkeypatch.setattr(torch, 'save', real)
     assert common.load_checkpoint(path)['v'] == 1, "the good checkpoint was damaged"

@@ -73,7 +73,7 @@ def test_critic_gets_no_gradient_and_never_changes():
     obj = M.MAEObjective(mae, critic, alpha=1.0)
     obj.train()
     assert not critic.training, "the critic must stay in eval mode"
-    opt = common.make_optimizer(common.param_groups(obj, 0.15), 1e-2, (0.9, 0.95), torch.device('cpu'))
+    opt = torch.optim.AdamW(common.param_groups(obj, 0.15), lr=1e-2, betas=(0.9, 0.95))
     for _ in range(3):
         obj(torch.randn(4, 3, 32, 32), 0.75).backward()
         assert all(p.grad is None for p in critic.parameters())
@@ -98,12 +98,12 @@ def test_norm_pix_reconstruction_is_unnormalised_for_the_critic():
 
 
 def test_terms_equal_right_after_calibration(tmp_path):
-    ns, _ = common.parse_config(common.script_defaults(vars(pretrain)),
+    ns, _ = common.configure(vars(pretrain),
                                 ['--alpha', '0.5', '--critic', critic_checkpoint(tmp_path / 'c.pt'), '--calib_batches', '1',
                                  '--img_size', '32', '--patch_size', '8', '--out_dir', str(tmp_path / 'o'), '--device', 'cpu'])
     run = common.Run(ns, 'test', lock=False)
-    mae = M.build_mae(pretrain.build(ns, run))
-    obj = pretrain.make_objective(mae, ns, run)
+    mae = M.build_mae(M.make_config('vit_lite', img_size=32, patch_size=8, loss_on_all=True))
+    obj = pretrain.make_objective(mae, ns)
     split = data.load_split('demo', 'train')
     loader = data.DeviceLoader(split, batch_size=32, device=torch.device('cpu'), img_size=32)
     pretrain.calibrate(obj, loader, ns, run)
@@ -156,7 +156,7 @@ def test_critic_of_wrong_architecture_or_shape(tiny, tmp_path):
         pretrain.main(tiny('--alpha', 0.5, '--critic', odd))
     with pytest.raises(common.UserError, match=r'does not exist'):
         pretrain.main(tiny('--alpha', 0.5, '--critic', str(tmp_path / 'nope.pt')))
-    with pytest.raises(common.UserError, match=r'--alpha must be in \[0, 1\]'):
+    with pytest.raises(common.UserError, match=r'--alpha must be a number in \[0, 1\]'):
         pretrain.main(tiny('--alpha', 1.5, '--critic', vit))
 
 

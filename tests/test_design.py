@@ -1,0 +1,87 @@
+"""The shape of the code as a contract: every script documents itself with --help, the modules import each other
+without cycles (data.py at the bottom), and the rule that picks torch.compile's mode keeps CUDA graphs away from
+the cases where they would corrupt gradients."""
+import ast
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import bench
+import common
+import evaluate
+import finetune
+import pretrain
+import probe
+from conftest import ROOT
+
+SCRIPTS = [pretrain, finetune, probe, evaluate, bench]
+OURS = {'data', 'model', 'common', 'probe', 'evaluate', 'pretrain', 'finetune', 'bench', 'dino'}
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda m: m.__name__)
+def test_help_lists_every_constant_with_its_default_and_comment(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(['--help'])
+    assert exit_info.value.code == 0
+    page = capsys.readouterr().out
+    source = open(script.__file__).read().splitlines()
+    for name, default in common.defaults(vars(script)).items():
+        line = next(s for s in source if s.startswith(name + ' ') and '#' in s)
+        comment = line.split('#', 1)[1].strip()
+        assert f"--{name} {default!s}" in page and comment in page, name
+
+
+def test_dash_h_on_the_command_line_exits_0():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'probe.py'), '-h'], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and '--ckpt' in done.stdout and not done.stderr.strip()
+
+
+def project_imports(path):
+    """(imports of our modules at the top level, imports of our modules inside functions or classes)."""
+    tree = ast.parse(open(path).read())
+    top = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names} | \
+          {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    every = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names} | \
+            {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return top & OURS, (every - top) & OURS
+
+
+def test_imports_form_a_graph_without_cycles_with_data_at_the_bottom():
+    graph = {}
+    for name in sorted(OURS):
+        path = os.path.join(ROOT, name + '.py')
+        if os.path.exists(path):
+            graph[name], hidden = project_imports(path)
+            assert not hidden, f"{name}.py imports {hidden} inside a function"
+    assert graph['data'] == set(), "data.py must import nothing of ours"
+    assert graph['model'] == set()
+    order, seen = [], set()
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"
+        if node not in seen:
+            for dep in sorted(graph[node]):
+                visit(dep, stack + [node])
+            seen.add(node)
+            order.append(node)
+    for node in graph:
+        visit(node, [])
+
+
+def fake_run(cuda=True, ddp=False):
+    return SimpleNamespace(cuda=cuda, ddp=ddp)
+
+
+def test_cuda_graphs_only_with_one_process_and_one_micro_batch():
+    cfg = lambda accum, mode='reduce-overhead': SimpleNamespace(compile=True, compile_mode=mode, accum_steps=accum)  # noqa: E731
+    assert common.compile_mode(cfg(1), fake_run()) == 'reduce-overhead'
+    # a second micro-batch's backward would accumulate into gradients the graph pool hands back at the next replay
+    assert common.compile_mode(cfg(2), fake_run()) == 'default'
+    assert common.compile_mode(cfg(2, 'max-autotune'), fake_run()) == 'max-autotune-no-cudagraphs'
+    assert common.compile_mode(cfg(1), fake_run(ddp=True)) == 'default'   # DDP's hooks run outside the graph
+    assert common.compile_mode(cfg(1), fake_run(cuda=False)) is None      # the CPU runs eager
+    assert common.compile_mode(SimpleNamespace(compile=False, compile_mode='default', accum_steps=1), fake_run()) is None
