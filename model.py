@@ -287,7 +287,7 @@ class MaskedAutoencoderViT(VisionTransformer):
     """MAE: the encoder sees the visible patches (+ cls) only; the decoder sees every position."""
 
     def __init__(self, cfg: ViTConfig):
-        super().__init__(replace(cfg, num_classes=0), init=True)  # (initialised again below, with the decoder: kept for now so weights stay bit-identical)
+        super().__init__(replace(cfg, num_classes=0), init=False)  # initialised once, below, with the decoder
         Dd = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.embed_dim, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
