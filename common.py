@@ -41,6 +41,12 @@ def cli(main):
     except NonFiniteLoss as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         code = 1
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
+            raise  # a bug: the traceback is what a bug report needs
+        print(f"{script}: error: out of memory ({' '.join(str(e).split())[:160]}): use a smaller --batch_size, or "
+              f"more --accum_steps for the same batch in smaller pieces", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         code = 130
@@ -64,7 +70,9 @@ def _choice(options):
 AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, 'an integer >= 1'), (lambda v: v >= 0, 'an integer >= 0')
 UNIT_OPEN = (_finite(0, 1, hi_open=True), 'a number in [0, 1)')
 # One rule per config name, whatever script has it: (test of the value, what is allowed). A default of '' or 0
-# means "from the checkpoint, the preset or the recipe" and is always accepted.
+# means "from the checkpoint, the preset or the recipe" and is always accepted. Booleans need no rule; FREE_TEXT
+# names are paths or names that the script checks when it opens them (tests/test_design.py holds every other name
+# of every script to a rule here).
 RULES = {
     'dataset': _choice(data.DATASETS), 'data_dir': (bool, 'a folder path'), 'out_dir': (bool, 'a folder path'),
     'subset': AT_LEAST_0, 'model': _choice(M.PRESETS), 'img_size': AT_LEAST_1, 'patch_size': AT_LEAST_1,
@@ -86,8 +94,11 @@ RULES = {
     'layer_decay': (_finite(0, 1, lo_open=True), 'a number in (0, 1] (1 = off)'), 'feature_batch': AT_LEAST_1,
     'transfer_dataset': _choice(('auto', 'none') + data.DATASETS), 'max_images': AT_LEAST_0, 'workers': AT_LEAST_0,
     'knn_k': AT_LEAST_1, 'knn_temperature': (_finite(0, lo_open=True), 'a finite number > 0'),
-    'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'warmup': AT_LEAST_0,
-}  # mask, img_size with patch_size, masking, global_pool: checked by model.ViTConfig when the script builds its model
+    'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
+    'batch_sizes': (lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')), 'integers >= 1, comma-separated'),
+    'only': _choice(('peer', 'loader')), 'mask': (M.mask_ratio_ok, 'a number in (0, 1): the fraction of patches hidden'),
+}  # img_size with patch_size, and the mask ratio on the grid: checked by model.ViTConfig when the script builds its model
+FREE_TEXT = ('ckpt', 'critic')  # checkpoint paths (or 'alexnet'), checked when loaded, before any data
 
 
 def _convert(name, text, default):

@@ -381,8 +381,11 @@ def download(name, data_dir, url=None, md5=None):
     if os.path.exists(root):
         print(f'{root} already exists, not downloading (delete it to download again)')
         return
-    os.makedirs(data_dir, exist_ok=True)
-    fd, archive = tempfile.mkstemp(dir=data_dir, prefix=f".{a['archive']}.", suffix='.part')
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        fd, archive = tempfile.mkstemp(dir=data_dir, prefix=f".{a['archive']}.", suffix='.part')
+    except OSError as e:  # a file where the folder should be, a read-only folder
+        raise DataError(f"cannot download into {data_dir} ({e.strerror}): choose a writable --data_dir") from None
     extract_dir = None
     try:
         print(f'downloading {url} ...')

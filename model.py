@@ -74,9 +74,13 @@ class ViTConfig:
         return self.grid_size ** 2
 
 
+def mask_ratio_ok(mask_ratio):
+    return 0.0 < mask_ratio < 1.0  # (NaN fails too)
+
+
 def check_mask_ratio(mask_ratio, num_patches, grid_size):
     """A mask ratio must hide some patches and leave the encoder at least one visible patch."""
-    if not 0.0 < mask_ratio < 1.0:
+    if not mask_ratio_ok(mask_ratio):
         raise ValueError(f"mask ratio (--mask) must be in (0, 1), got {mask_ratio}: it is the fraction of patches hidden")
     if int(num_patches * (1 - mask_ratio)) < 1:
         raise ValueError(f"mask ratio (--mask) {mask_ratio} leaves no visible patch on a {grid_size}x{grid_size} patch grid: "

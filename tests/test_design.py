@@ -85,3 +85,11 @@ def test_cuda_graphs_only_with_one_process_and_one_micro_batch():
     assert common.compile_mode(cfg(1), fake_run(ddp=True)) == 'default'   # DDP's hooks run outside the graph
     assert common.compile_mode(cfg(1), fake_run(cuda=False)) is None      # the CPU runs eager
     assert common.compile_mode(SimpleNamespace(compile=False, compile_mode='default', accum_steps=1), fake_run()) is None
+
+
+@pytest.mark.parametrize('script', SCRIPTS, ids=lambda m: m.__name__)
+def test_every_config_value_has_a_rule(script):
+    """Every constant of every script is a boolean, a path checked when it is opened, or held to a rule in
+    common.RULES, so that a zero, a negative, a NaN or an empty string is one line before anything runs."""
+    for name, default in common.defaults(vars(script)).items():
+        assert type(default) is bool or name in common.RULES or name in common.FREE_TEXT, f"--{name} has no rule"

@@ -113,7 +113,7 @@ def one_line_error(code, err, *needles):
 @pytest.mark.parametrize('extra, needles', [
     (('--maks', 0.5), ['unknown config name --maks', 'did you mean --mask']),
     (('--epochs', 'two'), ['--epochs expects an integer']),
-    (('--mask', 1.5), ['mask ratio (--mask) must be in (0, 1), got 1.5']),
+    (('--mask', 1.5), ['--mask must be a number in (0, 1)', 'got 1.5']),
     (('--img_size', 30), ['img_size 30 is not divisible by patch_size 8']),
     (('--alpha', 0.5), ['needs a perceptual critic', 'finetune.py --arch squeezenet']),
     (('--resume', 'true'), ['no checkpoint at', 'run without --resume']),
@@ -261,3 +261,129 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'save', real)
     assert common.load_checkpoint(path)['v'] == 1, "the good checkpoint was damaged"
     assert os.listdir(tmp_path) == ['ckpt.pt'], "a temporary file was left behind"
+
+
+# --- the second catalogue: every value checked before anything runs, and nothing lost -----------------------
+
+@pytest.mark.parametrize('extra, needles', [
+    (('--accum_steps', -1), ['--accum_steps must be an integer >= 1, got -1']),
+    (('--batch_size', 0), ['--batch_size must be an integer >= 1, got 0']),
+    (('--epochs', 0), ['--epochs must be an integer >= 1, got 0']),
+    (('--lr', 'nan'), ['--lr must be a finite number > 0', 'got nan']),
+    (('--lr', -1e-3), ['--lr must be a finite number > 0']),
+    (('--beta2', 1.0), ['--beta2 must be a number in [0, 1), got 1.0']),
+    (('--weight_decay', 'inf'), ['--weight_decay must be a finite number >= 0']),
+    (('--ckpt_every', 0), ['--ckpt_every must be an integer >= 1, got 0']),
+    (('--picture_every', 0), ['--picture_every must be an integer >= 1, got 0']),
+    (('--val_images', 0), ['--val_images must be an integer >= 1, got 0']),
+    (('--calib_batches', 0), ['--calib_batches must be an integer >= 1, got 0']),
+    (('--device', 'gpu0'), ["--device must be auto, cpu, cuda or cuda:N, got 'gpu0'"]),
+    (('--dataset', ''), ["--dataset must be one of tin, cub, demo, synthetic, got ''"]),
+    (('--seed', -1), ['--seed must be an integer in [0, 2^63), got -1']),
+    (('--mask', 0.99), ['mask ratio (--mask) 0.99 leaves no visible patch on a 4x4 patch grid']),
+    (('--warmup_epochs', 3), ['--warmup_epochs 3 is not shorter than --epochs 1']),
+    (('--weighting', 'uncertainty'), ['--weighting uncertainty mixes the pixel and the perceptual loss', '--alpha 0']),
+])
+def test_bad_value_rows(extra, needles, tiny, tmp_path, capsys, monkeypatch):
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, *extra), capsys, monkeypatch), *needles)
+    nothing_written(tmp_path / 'run')
+
+
+def test_help_row(capsys, monkeypatch):
+    code, err = run_cli(pretrain.main, ['--help'], capsys, monkeypatch)
+    assert code == 0 and not err
+
+
+def test_finished_run_is_never_rewritten_row(tiny, tmp_path, capsys, monkeypatch):
+    assert pretrain.main(tiny('--epochs', 1)) == 0
+    out = tmp_path / 'run'
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true'), capsys, monkeypatch),
+                   'is a finished run of 1 epochs', '--epochs N with N > 1')
+    # a resume may not change the batch: the stored step counts batches of the old size
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true', '--epochs', 2, '--batch_size', 64), capsys, monkeypatch),
+                   'batch_size=32 in the checkpoint vs 64')
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before, "a refused resume changed a file"
+
+
+def test_out_of_memory_row(tiny, tmp_path, capsys, monkeypatch):
+    def too_big(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(M, 'build_mae', too_big)
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch),
+                   'out of memory', 'smaller --batch_size', '--accum_steps')
+    nothing_written(tmp_path / 'run')
+
+
+def test_full_disk_while_saving_row(tiny, tmp_path, capsys, monkeypatch):
+    assert pretrain.main(tiny('--epochs', 1, '--ckpt_every', 1)) == 0
+    good = (tmp_path / 'run' / 'ckpt.pt').read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true', '--epochs', 2), capsys, monkeypatch),
+                   'No space left on device', 'the previous ckpt.pt is intact')
+    assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == good
+    assert not [f for f in os.listdir(tmp_path / 'run') if '.tmp.' in f]
+
+
+def test_download_into_a_file_row(tmp_path, capsys, monkeypatch):
+    (tmp_path / 'a_file').write_text('x')
+    code, err = run_cli(pretrain.main, ['--dataset', 'tin', '--download', 'true', '--data_dir', tmp_path / 'a_file',
+                                        '--out_dir', tmp_path / 'o'], capsys, monkeypatch)
+    one_line_error(code, err, 'cannot download into', 'choose a writable --data_dir')
+
+
+def test_malformed_model_config_row(pre, tmp_path, capsys, monkeypatch):
+    import finetune
+    ck = torch.load(pre, weights_only=True)
+    for bad in ({'bogus_field': 1}, None):
+        ck['model_config'] = bad
+        path = tmp_path / 'odd.pt'
+        torch.save(ck, path)
+        code, err = run_cli(finetune.main, ['--ckpt', path, '--dataset', 'demo', '--out_dir', tmp_path / 'ft'],
+                            capsys, monkeypatch, script='finetune.py')
+        one_line_error(code, err, str(path), 'stored model config is missing or malformed')
+        nothing_written(tmp_path / 'ft')
+
+
+def test_evaluation_of_another_checkpoint_is_never_replaced_row(pre, tmp_path, capsys, monkeypatch):
+    import evaluate
+    out = tmp_path / 'ev'
+    os.makedirs(out)
+    (out / 'eval.json').write_text(json.dumps({'checkpoint_id': '/elsewhere/ckpt.pt at step 8'}))
+    code, err = run_cli(evaluate.main, ['--ckpt', pre, '--dataset', 'demo', '--out_dir', out], capsys, monkeypatch,
+                        script='evaluate.py')
+    one_line_error(code, err, 'holds an evaluation of another checkpoint', '/elsewhere/ckpt.pt')
+    assert sorted(os.listdir(out)) == ['eval.json']
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny, tmp_path, straight):
+    out = tmp_path / 'int'
+    proc = start('pretrain.py', tiny(*RUN, out='int'))
+    wait_for_log(out, lambda r: r['event'] == 'train' and r['step'] >= 3, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert 'stopped by signal' in stdout and f'--resume true --out_dir {out}' in stdout
+    assert pretrain.main(tiny('--resume', 'true', out='int')) == 0
+    assert same_weights(straight, weights(out))
+
+
+def test_sigterm_to_evaluate_ends_its_worker_processes(pre, tmp_path):
+    out = tmp_path / 'ev'
+    proc = start('evaluate.py', [str(a) for a in ['--ckpt', pre, '--dataset', 'demo', '--workers', 2, '--batch_size', 8,
+                                                  '--probe_epochs', 0, '--use_lpips', 'false', '--out_dir', out]])
+    children = []
+    t0 = time.time()
+    while time.time() - t0 < 120 and len(children) < 2 and proc.poll() is None:
+        children = [int(p) for p in open(f'/proc/{proc.pid}/task/{proc.pid}/children').read().split()]
+        time.sleep(0.05)
+    assert len(children) >= 2, "the pool never started"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    time.sleep(1)
+    alive = [c for c in children if os.path.exists(f'/proc/{c}') and open(f'/proc/{c}/stat').read().split()[2] != 'Z']
+    assert not alive, f"worker processes {alive} outlived evaluate.py"
