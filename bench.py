@@ -43,15 +43,16 @@ device = 'auto'             # auto | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast dtype on CUDA
 compile = True              # torch.compile (CUDA only)
 compile_mode = 'reduce-overhead'  # pretrain.py's default: CUDA graphs; the peer is compiled the same way
-smae = True                 # also time the SMAE step (alpha 0.5, a SqueezeNet critic) and report the ratio
-finetune = True             # also time finetune.py's step (RandAugment + mixup/cutmix) and the loader alone
+smae = True                 # also time the SMAE step (alpha 0.5, a SqueezeNet critic) at the first batch size, and the ratio
+finetune = True             # also time finetune.py's step (RandAugment + mixup/cutmix) and the loader alone, at the first batch size
 peer = True                 # also time transformers' ViTMAEForPreTraining (if installed)
+process_timeout = 600       # seconds one configuration may take (compilation included) before it is given up
 only = ''                   # internal: 'peer' or 'loader' times that one measurement in this process (bench.py runs itself)
 out_dir = 'out/bench'       # bench.json goes here
 # -----------------------------------------------------------------------------
 
 
-def measure(script, args, timeout=900):
+def measure(script, args, timeout):
     """Run `python script args` in a fresh process and return the figures of its BENCH_JSON line (None on failure,
     with the reason printed: one configuration failing does not lose the others)."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + [str(a) for a in args]
@@ -148,30 +149,36 @@ def main(argv=None):
     print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, compile "
           f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    results, report = [], dict(device=name, torch=torch.__version__, config=vars(cfg), results=[])
+    report = dict(device=name, torch=torch.__version__, config=vars(cfg), results=[])
+    batches = [int(b) for b in cfg.batch_sizes.split(',')]
+    rows = {b: dict(batch=b) for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         critic = critic_checkpoint(os.path.join(tmp, 'critic.pt')) if cfg.smae else None
-        for batch in [int(b) for b in cfg.batch_sizes.split(',') if b.strip()]:
-            row = dict(batch=batch)
-            results.append(row)
-            shared = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
-                      '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
-                      '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
-            loop = shared + ['--batch_size', batch, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup,
+        shared = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
+                  '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
+                  '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
+
+        def loop(b):  # pretrain.py / finetune.py in benchmark mode
+            return shared + ['--batch_size', b, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup,
                              '--out_dir', os.path.join(tmp, 'run')]
-            alone = shared + ['--batch_sizes', batch, '--steps', cfg.steps, '--warmup', cfg.warmup, '--mask', cfg.mask]
-            jobs = [('mae', 'pretrain.py', loop + ['--mask', cfg.mask])]
-            jobs += [('smae', 'pretrain.py', loop + ['--mask', cfg.mask, '--alpha', 0.5, '--critic', critic])] if cfg.smae else []
-            jobs += [('finetune', 'finetune.py', loop + ['--mixup', 0.8, '--cutmix', 1.0]),
-                     ('loader', 'bench.py', alone + ['--only', 'loader'])] if cfg.finetune else []
-            jobs += [('peer', 'bench.py', alone + ['--only', 'peer'])] if cfg.peer else []
-            for key, script, job_args in jobs:
-                row[key] = measure(script, job_args)
-                if row[key]:
-                    print(f"  batch {batch} {key}: {row[key]['images_per_s']:,.0f} images/s ({row[key].get('label', '')})", flush=True)
-                ratios(row)
-                report['results'] = results
-                common.save_atomic(json.dumps(report, indent=1, default=str), os.path.join(cfg.out_dir, 'bench.json'))
+
+        def alone(b, what):  # this script, timing one thing
+            return shared + ['--batch_sizes', b, '--steps', cfg.steps, '--warmup', cfg.warmup, '--mask', cfg.mask, '--only', what]
+        # the most wanted figures first, so a run cut short still has them; the extras at the first batch size
+        jobs = [job for b in batches for job in [(b, 'mae', 'pretrain.py', loop(b) + ['--mask', cfg.mask])]
+                + ([(b, 'peer', 'bench.py', alone(b, 'peer'))] if cfg.peer else [])]
+        jobs += [(batches[0], 'smae', 'pretrain.py', loop(batches[0]) + ['--mask', cfg.mask, '--alpha', 0.5, '--critic', critic])] if cfg.smae else []
+        jobs += [(batches[0], 'finetune', 'finetune.py', loop(batches[0]) + ['--mixup', 0.8, '--cutmix', 1.0]),
+                 (batches[0], 'loader', 'bench.py', alone(batches[0], 'loader'))] if cfg.finetune else []
+        for b, key, script, args in jobs:
+            row = rows[b]
+            row[key] = measure(script, args, cfg.process_timeout)
+            if row[key]:
+                print(f"  batch {b} {key}: {row[key]['images_per_s']:,.0f} images/s ({row[key].get('label', '')})", flush=True)
+            ratios(row)
+            report['results'] = list(rows.values())
+            common.save_atomic(json.dumps(report, indent=1, default=str), os.path.join(cfg.out_dir, 'bench.json'))
+    results = list(rows.values())
     print(table(results))
     return 0
 

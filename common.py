@@ -94,7 +94,7 @@ RULES = {
     'layer_decay': (_finite(0, 1, lo_open=True), 'a number in (0, 1] (1 = off)'), 'feature_batch': AT_LEAST_1,
     'transfer_dataset': _choice(('auto', 'none') + data.DATASETS), 'max_images': AT_LEAST_0, 'workers': AT_LEAST_0,
     'knn_k': AT_LEAST_1, 'knn_temperature': (_finite(0, lo_open=True), 'a finite number > 0'),
-    'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
+    'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'process_timeout': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
     'batch_sizes': (lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')), 'integers >= 1, comma-separated'),
     'only': _choice(('peer', 'loader')), 'mask': (M.mask_ratio_ok, 'a number in (0, 1): the fraction of patches hidden'),
 }  # img_size with patch_size, and the mask ratio on the grid: checked by model.ViTConfig when the script builds its model

@@ -64,3 +64,15 @@ def keep_first_checkpoint(dest):
         yield dest
     finally:
         common.save_atomic = real_save
+
+
+def pytest_runtest_logreport(report):
+    """With GPU_CHECK_OUT set (gpu_check.sh), one JSON line per test as it finishes, so a cut-short check keeps its
+    results."""
+    out = os.environ.get('GPU_CHECK_OUT')
+    if out and (report.when == 'call' or report.outcome != 'passed'):
+        import json
+        line = dict(test=report.nodeid, when=report.when, outcome=report.outcome, seconds=round(report.duration, 1),
+                    message=str(report.longrepr).strip().splitlines()[-1][:300] if report.longrepr else None)
+        with open(os.path.join(out, 'tests.jsonl'), 'a') as f:
+            f.write(json.dumps(line) + '\n')

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one command, about 8 minutes at most on one H100/H200. Every result lands in OUT_DIR as it
+# comes, so a check cut short still leaves what it measured:
+#   env.json      the GPU, torch and CUDA versions
+#   tests.jsonl   one line per CUDA test of tests/test_gpu.py (each under a 120 s timeout); tests.txt is pytest's output
+#   bench.json    bench.py's figures, rewritten after every configuration (each timed in a fresh process);
+#                 bench.txt is its output (the Markdown table at the end)
+#
+#   ./gpu_check.sh OUT_DIR
+set -u
+OUT=${1:?usage: ./gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1
+python3 - "$OUT" <<'PY'
+import json, sys, torch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+json.dump(dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0]),
+          open(sys.argv[1] + '/env.json', 'w'), indent=1)
+print('gpu check on', gpu, 'torch', torch.__version__)
+PY
+# 1. the CUDA tests (tests/conftest.py writes a line per test to $GPU_CHECK_OUT/tests.jsonl as it finishes)
+GPU_CHECK_OUT="$OUT" timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
+# 2. the benchmark: MAE at batch 128 and 1024; SMAE, fine-tuning and the loader at 128; transformers' ViTMAE at both
+timeout 270 python3 bench.py --out_dir "$OUT" --batch_sizes 128,1024 --steps 50 --warmup 20 --process_timeout 90 2>&1 | tee "$OUT/bench.txt"
+echo "gpu check done: $OUT"
