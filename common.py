@@ -68,7 +68,8 @@ def _choice(options):
 
 
 AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, 'an integer >= 1'), (lambda v: v >= 0, 'an integer >= 0')
-UNIT_OPEN = (_finite(0, 1, hi_open=True), 'a number in [0, 1)')
+UNIT_OPEN, UNIT_CLOSED = (_finite(0, 1, hi_open=True), 'a number in [0, 1)'), (_finite(0, 1), 'a number in [0, 1]')
+POSITIVE = (_finite(0, lo_open=True), 'a finite number > 0')
 # One rule per config name, whatever script has it: (test of the value, what is allowed). A default of '' or 0
 # means "from the checkpoint, the preset or the recipe" and is always accepted. Booleans need no rule; FREE_TEXT
 # names are paths or names that the script checks when it opens them (tests/test_design.py holds every other name
@@ -79,7 +80,7 @@ RULES = {
     'masking': _choice(M.MASKINGS), 'alpha': (_finite(0, 1), 'a number in [0, 1]: 0 is MAE, 0.5 the SMAE of the study'),
     'weighting': _choice(M.WEIGHTINGS), 'calib_batches': AT_LEAST_1, 'epochs': AT_LEAST_1,
     'warmup_epochs': AT_LEAST_0, 'batch_size': AT_LEAST_1, 'accum_steps': AT_LEAST_1,
-    'lr': (_finite(0, lo_open=True), 'a finite number > 0 (the learning rate at batch 128)'),
+    'lr': (_finite(0, lo_open=True), 'a finite number > 0'),
     'min_lr': (_finite(0), 'a finite number >= 0'), 'weight_decay': (_finite(0), 'a finite number >= 0'),
     'beta1': UNIT_OPEN, 'beta2': UNIT_OPEN, 'grad_clip': (_finite(0), 'a finite number >= 0 (0 = off)'),
     'device': (lambda v: v in ('auto', 'cpu', 'cuda') or (v.startswith('cuda:') and v[5:].isdigit()),
@@ -93,10 +94,16 @@ RULES = {
     'mixup': (_finite(0), 'a Beta alpha >= 0 (0 = off)'), 'cutmix': (_finite(0), 'a Beta alpha >= 0 (0 = off)'),
     'layer_decay': (_finite(0, 1, lo_open=True), 'a number in (0, 1] (1 = off)'), 'feature_batch': AT_LEAST_1,
     'transfer_dataset': _choice(('auto', 'none') + data.DATASETS), 'max_images': AT_LEAST_0, 'workers': AT_LEAST_0,
-    'knn_k': AT_LEAST_1, 'knn_temperature': (_finite(0, lo_open=True), 'a finite number > 0'),
+    'knn_k': AT_LEAST_1, 'knn_temperature': POSITIVE,
     'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'process_timeout': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
     'batch_sizes': (lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')), 'integers >= 1, comma-separated'),
-    'only': _choice(('peer', 'loader')), 'mask': (M.mask_ratio_ok, 'a number in (0, 1): the fraction of patches hidden'),
+    'only': _choice(('peer', 'loader')), 'weight_decay_end': (_finite(0), 'a finite number >= 0'),
+    'momentum_teacher': UNIT_CLOSED, 'center_momentum': UNIT_CLOSED, 'teacher_temp': POSITIVE,
+    'warmup_teacher_temp': POSITIVE, 'student_temp': POSITIVE, 'warmup_teacher_temp_epochs': AT_LEAST_0,
+    'freeze_last_layer': AT_LEAST_0, 'out_dim': AT_LEAST_1, 'head_hidden': AT_LEAST_1, 'head_bottleneck': AT_LEAST_1,
+    'local_crops_number': AT_LEAST_0, 'local_crops_size': AT_LEAST_0,
+    'global_crops_min': (_finite(0, 1, lo_open=True), 'a number in (0, 1]'),
+    'local_crops_min': (_finite(0, 1, lo_open=True, hi_open=True), 'a number in (0, 1)'), 'mask': (M.mask_ratio_ok, 'a number in (0, 1): the fraction of patches hidden'),
 }  # img_size with patch_size, and the mask ratio on the grid: checked by model.ViTConfig when the script builds its model
 FREE_TEXT = ('ckpt', 'critic')  # checkpoint paths (or 'alexnet'), checked when loaded, before any data
 
@@ -120,7 +127,7 @@ def help_text(namespace):
     for line in open(namespace['__file__']).read().splitlines():
         name = line.split('=')[0].strip()
         if name in names and line.startswith(name + ' ') and '#' in line:
-            lines.append(f"  --{name} {names[name]!s:<14} {line.split('#', 1)[1].strip()}")
+            lines.append(f"  --{name} {names[name]!s}".ljust(34) + ' ' + line.split('#', 1)[1].strip())
     return "\n".join(lines)
 
 
@@ -138,7 +145,10 @@ def configure(namespace, argv, checks=()):
     config.update(known)
     argv = list(argv or [])
     if any(a in ('-h', '--help') for a in argv):
-        print(help_text(namespace))
+        try:
+            print(help_text(namespace), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     while argv:
         arg = argv.pop(0)

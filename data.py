@@ -19,7 +19,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import time
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -742,47 +741,16 @@ def mixup_cutmix(x, y, num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, switch_pr
     return x, torch.lerp(t.flip(0), t, lam)
 
 # -----------------------------------------------------------------------------
-# command line: download and loader benchmark
-
-
-def bench(dataset='synthetic', batch_size=1024, device='cuda', steps=20, data_dir='data'):
-    split = load_split(dataset, 'train', data_dir)
-    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
-    for name, augment in (('no augmentation', None), ('pretrain_augment', pretrain_augment),
-                          ('finetune_augment', finetune_augment)):
-        loader = DeviceLoader(split, batch_size=batch_size, device=device, augment=augment)
-        batches = loader.epoch(0)
-        warmup = min(3, loader.steps_per_epoch - 1)
-        n = max(1, min(steps, loader.steps_per_epoch - warmup))
-        for _ in range(warmup):
-            next(batches)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            next(batches)
-        sync()
-        dt = time.perf_counter() - t0
-        print(f'{dataset} {name:>16}: {n * batch_size / dt:12,.0f} images/s '
-              f'({1000 * dt / n:.2f} ms per batch of {batch_size}, {device})')
+# command line: python data.py download tin --data_dir data   (loader speed: bench.py --only loader)
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('download', help='fetch and unpack an official archive')
-    p.add_argument('name', choices=sorted(ARCHIVES))
-    p.add_argument('--data_dir', default='data')
-    p = sub.add_parser('bench', help='images/s of the DeviceLoader')
-    p.add_argument('--dataset', default='synthetic', choices=DATASETS)
-    p.add_argument('--batch_size', type=int, default=1024)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--steps', type=int, default=20)
-    p.add_argument('--data_dir', default='data')
+    parser = argparse.ArgumentParser(description='fetch and unpack an official archive (MD5-checked, atomic)')
+    parser.add_argument('command', choices=['download'])
+    parser.add_argument('name', choices=sorted(ARCHIVES))
+    parser.add_argument('--data_dir', default='data')
     args = parser.parse_args()
     try:
-        if args.command == 'download':
-            download(args.name, args.data_dir)
-        else:
-            bench(args.dataset, args.batch_size, args.device, args.steps, args.data_dir)
+        download(args.name, args.data_dir)
     except DataError as e:
         sys.exit(f'error: {e}')

@@ -57,7 +57,7 @@ knn_k = 20                  # neighbours of the weighted kNN (DINO)
 knn_temperature = 0.07      # vote weight exp(cosine / T) (DINO)
 pool = 'cls'                # feature for kNN and the probe: cls token | mean of the patch tokens
 probe_epochs = 50           # linear probe epochs (the study's: 50); 0 = skip the probe
-batch_size = 256            # evaluation batch
+feature_batch = 256         # images per forward pass (reconstructions, features)
 device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast on CUDA for the model forwards: bfloat16 | float16 | float32; metrics in fp32
 seed = 0                    # fixes the masks, the random-init floor and the probe's initialisation and order
@@ -208,7 +208,7 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
             sums[kind]['psnr'] += psnr
             sums[kind]['ssim'] += ssim
     try:
-        for x, _ in data.iterate_batches(split.images, None, cfg.batch_size, device, img_size=mc.img_size):
+        for x, _ in data.iterate_batches(split.images, None, cfg.feature_batch, device, img_size=mc.img_size):
             noise = noise_all[start:start + x.shape[0]]
             start += x.shape[0]
             with run.autocast:
@@ -341,7 +341,7 @@ def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
             feats = {s: pixel_features(split, run.device) for s, split in splits.items()}
         else:
             net = encoder if kind == 'model' else random_encoder
-            feats = {s: probe.extract_features(net, split.images, split.labels, run.device, batch_size=cfg.batch_size,
+            feats = {s: probe.extract_features(net, split.images, split.labels, run.device, batch_size=cfg.feature_batch,
                                                pool=cfg.pool, autocast=run.autocast, progress=run)
                      for s, split in splits.items()}
         knn = knn_classify(*feats['train'], *feats['val'], splits['train'].num_classes, k=cfg.knn_k,
@@ -425,8 +425,9 @@ def markdown(res):
             lines.append(f"| {KIND_NAMES[kind]} | {fmt(m['psnr'], '.2f')} | {fmt(m['ssim'], '.4f')} | "
                          f"{fmt(m['lpips'], '.4f')} | {note} |")
         lines += [""]
-    lines += [f"Masked-patch MSE (the MAE loss, in the training target's space): {fmt(rec.get('masked_mse'), '.4f')}.", "",
-              "| representation | kNN top-1 (%) | kNN top-5 (%) | linear probe top-1 (%) | reference / verdict |",
+    if not rec.get('skipped'):
+        lines += [f"Masked-patch MSE (the MAE loss, in the training target's space): {fmt(rec['masked_mse'], '.4f')}.", ""]
+    lines += ["| representation | kNN top-1 (%) | kNN top-5 (%) | linear probe top-1 (%) | reference / verdict |",
               "|---|---|---|---|---|"]
     for name, rep in res['representation'].items():
         if not rep.get('available', True):
@@ -489,7 +490,7 @@ def evaluate(cfg, ck, mcfg, run):
     transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None}.get(cfg.transfer_dataset, cfg.transfer_dataset)
     transfer = None if transfer == name else transfer
     run.banner({'checkpoint': f"{cfg.ckpt} ({ck['kind']}, {ck_cfg.get('model')}, epoch {ck.get('epoch', 0):g})",
-                'mask': f"{mcfg.mask_ratio:g} {mcfg.masking}", 'dataset': name, 'transfer': transfer or 'none'})
+                'mask': 'none (no decoder)' if ck['kind'] == 'dino' else f"{mcfg.mask_ratio:g} {mcfg.masking}", 'dataset': name, 'transfer': transfer or 'none'})
     splits = load_splits(name, cfg)
     val = splits['val']
 

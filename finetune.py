@@ -7,10 +7,11 @@ Fine-tuning: a classifier on tin, cub or demo, from a pre-trained MAE encoder, f
     python finetune.py --arch squeezenet --dataset tin --out_dir out/critic --epochs 200 --warmup_epochs 10 --weight_decay 0.15
     torchrun --nproc_per_node=2 finetune.py --ckpt out/pretrain/ckpt.pt # the same run on two GPUs
 
-Every constant below can be overridden as --name value or --name=value. Defaults are the study's fine-tuning
-recipe (the study's Table 6; the README's recipe table). Writes <out_dir>/ckpt.pt (kind 'finetune'), log.jsonl and results.json (top-1 and
-top-5 on the official val split: TIN val, CUB test). The data order depends only on (seed, epoch); the
-augmentation and mixup draws on (seed, epoch, step, rank, micro-step).
+Every constant below can be overridden as --name value or --name=value (--help lists them). The defaults are the
+study's fine-tuning recipe (its Table 6, listed in the README's recipe table). Writes <out_dir>/ckpt.pt (kind
+'finetune'), log.jsonl and results.json (top-1 and top-5 on the official val split: TIN val, CUB test). The data
+order depends only on (seed, epoch); the augmentation and mixup draws on (seed, epoch, step, rank, micro-step).
+A pretrain.py or dino.py checkpoint (--ckpt) gives the encoder.
 """
 import contextlib
 import json

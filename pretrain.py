@@ -6,8 +6,9 @@ MAE / SMAE pre-training, in one process or under torchrun.
     torchrun --nproc_per_node=2 pretrain.py                             # the same run on two GPUs
 
 Every constant below can be overridden as --name value or --name=value (--help lists them). The defaults are the
-study's pre-training recipe (its Table 6; the README's recipe table). The training step is the same whatever the number of processes or
-accumulation steps: the global batch, its order and its masks depend only on (seed, step).
+study's pre-training recipe (its Table 6, listed in the README's recipe table). The training step is the same
+whatever the number of processes or accumulation steps: the global batch, its order and its masks depend only on
+(seed, step).
 """
 import contextlib
 import json

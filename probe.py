@@ -32,7 +32,7 @@ import data
 import model as M
 
 # -----------------------------------------------------------------------------
-# config: the study's linear-probe recipe (the study's Table 6; the README's recipe table)
+# config: the study's linear-probe recipe (its Table 6, listed in the README's recipe table)
 # data
 dataset = 'tin'             # tin | cub (val = the official test split) | demo (embedded, no download) | synthetic
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)

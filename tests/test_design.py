@@ -11,13 +11,14 @@ import pytest
 
 import bench
 import common
+import dino
 import evaluate
 import finetune
 import pretrain
 import probe
 from conftest import ROOT
 
-SCRIPTS = [pretrain, finetune, probe, evaluate, bench]
+SCRIPTS = [pretrain, finetune, probe, evaluate, bench, dino]
 OURS = {'data', 'model', 'common', 'probe', 'evaluate', 'pretrain', 'finetune', 'bench', 'dino'}
 
 

@@ -147,7 +147,7 @@ def ckpt(tmp_path_factory):
 
 def eval_argv(ckpt, out, *extra):
     """Demo data, 256 train images (kNN bank, probe) and 96 val images: seconds on a CPU."""
-    return ['--ckpt', ckpt, '--dataset', 'demo', '--out_dir', str(out), '--batch_size', '64', '--subset', '256',
+    return ['--ckpt', ckpt, '--dataset', 'demo', '--out_dir', str(out), '--feature_batch', '64', '--subset', '256',
             '--max_images', '96'] + [str(a) for a in extra]
 
 
@@ -183,7 +183,7 @@ def test_end_to_end_on_demo(ckpt, tmp_path, monkeypatch):
     M.load_weights(mae, ck['model'])
     val = data.subset(data.load_split('demo', 'val'), 96, 0)
     run = SimpleNamespace(device=torch.device('cpu'), autocast=contextlib.nullcontext())
-    cfg = SimpleNamespace(seed=0, workers=1, batch_size=40)
+    cfg = SimpleNamespace(seed=0, workers=1, feature_batch=40)
     again = evaluate.reconstruction_metrics(mae, val, 0.75, 'random', cfg, run, lpips_net=None)
     for kind in evaluate.KINDS:
         for metric in ('psnr', 'ssim'):
@@ -237,3 +237,17 @@ def test_references_follow_the_setting():
     assert evaluate.references(short, 'tin', 0.75, 'random')['linear_probe_top1']['source'].endswith('here: 20 ep')
     assert 'linear_probe_top1' not in evaluate.references(ck, 'tin', 0.5, 'block')
     assert evaluate.references(ck, 'demo', 0.75, 'random') == {}
+
+
+def test_norm_pix_reconstructions_are_not_scored_and_the_table_says_why(tmp_path):
+    """A norm_pix_loss model's pixels would need each masked patch's true mean and variance: scoring them would leak
+    the answer, so evaluate.py refuses to compare them with raw-pixel models and says so."""
+    argv = TINY + ['--out_dir', str(tmp_path / 'np'), '--data_dir', str(tmp_path / 'data'), '--epochs', '1',
+                   '--subset', '64', '--norm_pix_loss', 'true']
+    assert pretrain.main(argv) == 0
+    out = tmp_path / 'eval'
+    assert evaluate.main(eval_argv(str(tmp_path / 'np' / 'ckpt.pt'), out, '--probe_epochs', 0, '--workers', 1)) == 0
+    res = json.loads((out / 'eval.json').read_text())
+    assert 'norm_pix_loss' in res['reconstruction']['skipped'] and 'leak' in res['reconstruction']['skipped']
+    assert 'model' not in res['reconstruction'] and not (out / 'recon.png').exists()
+    assert 'Reconstruction not scored' in (out / 'eval.md').read_text()

@@ -373,7 +373,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny, tmp_path,
 
 def test_sigterm_to_evaluate_ends_its_worker_processes(pre, tmp_path):
     out = tmp_path / 'ev'
-    proc = start('evaluate.py', [str(a) for a in ['--ckpt', pre, '--dataset', 'demo', '--workers', 2, '--batch_size', 8,
+    proc = start('evaluate.py', [str(a) for a in ['--ckpt', pre, '--dataset', 'demo', '--workers', 2, '--feature_batch', 8,
                                                   '--probe_epochs', 0, '--use_lpips', 'false', '--out_dir', out]])
     children = []
     t0 = time.time()

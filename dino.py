@@ -1,0 +1,614 @@
+"""
+DINO pre-training (Caron et al. 2021) of the same ViT encoder, in one process or under torchrun: the baseline of
+the study's Table 1 (DINO pre-train + fine-tune: 41.72% top-1 on TIN, 24.09% on CUB).
+
+    python dino.py --dataset demo --epochs 4 --warmup_epochs 1 --warmup_teacher_temp_epochs 1   # minutes on a CPU
+    python dino.py                                                      # the study's DINO on Tiny ImageNet
+    torchrun --nproc_per_node=2 dino.py                                 # the same run on two GPUs
+    python finetune.py --ckpt out/dino/ckpt.pt                          # then fine-tune its teacher encoder
+
+A student (encoder + DINO head) learns to match an EMA teacher of the same architecture: the teacher sees the two
+global views, the student every view, and the loss is the cross-entropy from each teacher view (centred, sharpened)
+to every other student view. The defaults are the study's DINO settings (its Table 3). DINO's official ViT recipe
+(main_dino.py) is one override away:
+
+    --local_crops_number 8 --out_dim 65536 --head_hidden 2048 --head_bottleneck 256 --warmup_teacher_temp 0.04
+    --teacher_temp 0.04 --momentum_teacher 0.996 --global_crops_min 0.4 --local_crops_min 0.05 --drop_path 0.1
+    (local crops are then 96/224 of the image side, as 96 px is of 224 px; the official batch is 64 per GPU)
+
+The views are made on the device, per sample, from uniforms drawn for the whole global batch from (seed, step):
+the same step gives the same views whatever the number of processes or accumulation steps, and after a resume.
+Colour jitter follows torchvision's ColorJitter (a random order of the four ops per sample), except hue, which is
+a rotation of the chroma plane in YIQ space rather than a shift in HSV (see colour_jitter). Gradient clipping is
+DINO's: each parameter's gradient norm is clipped on its own. The checkpoint's `model` is the teacher's encoder
+(what DINO evaluates), so finetune.py, probe.py and evaluate.py read it as they read a pretrain.py checkpoint.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import data
+import evaluate
+import model as M
+
+# -----------------------------------------------------------------------------
+# config: the study's DINO recipe (its Table 3)
+# data
+dataset = 'tin'             # tin | cub | demo (embedded, no download) | synthetic (random, for benchmarks)
+data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
+download = False            # fetch the official archive into data_dir if it is missing
+subset = 0                  # >0: train on a fixed random subset of this many images (quick experiments, tests)
+# model
+model = 'vit_lite'          # encoder preset in model.PRESETS (the decoder fields are unused)
+img_size = 0                # global view resolution; 0 = the preset's (64 for vit_lite)
+patch_size = 0              # patch side; 0 = the preset's (4 for vit_lite)
+drop_path = 0.0             # stochastic depth of the student (DINO's ViT default: 0.1); the teacher has none
+out_dim = 1024              # K, the head's output dimension (DINO's default: 65536)
+head_hidden = 512           # hidden width of the head's 3-layer MLP (DINO's: 2048)
+head_bottleneck = 128       # bottleneck before the weight-normalised last layer (DINO's: 256)
+# DINO
+momentum_teacher = 0.9995   # teacher EMA momentum, raised to 1 on a cosine over the run (DINO's default: 0.996)
+teacher_temp = 0.04         # teacher temperature after the warm-up
+warmup_teacher_temp = 0.02  # teacher temperature at epoch 0, raised linearly to teacher_temp (DINO's default: 0.04)
+warmup_teacher_temp_epochs = 30  # epochs of the teacher-temperature warm-up
+student_temp = 0.1          # student temperature
+center_momentum = 0.9       # EMA momentum of the centre subtracted from the teacher's outputs
+freeze_last_layer = 1       # epochs during which the head's last layer is not updated (its gradient is dropped)
+# multi-crop views
+global_crops_min = 0.6      # the two global crops cover [this, 1] of the image area (DINO's default: 0.4)
+local_crops_number = 0      # local crops per image (DINO's default: 8)
+local_crops_min = 0.2       # local crops cover [this, global_crops_min] of the area (DINO's default: 0.05)
+local_crops_size = 0        # local crop side in pixels; 0 = 96/224 of img_size (as DINO's 96 of 224), whole patches
+# optimisation
+epochs = 100                # pre-training epochs
+warmup_epochs = 10          # linear lr warm-up, then cosine decay to min_lr
+batch_size = 128            # global batch of images per optimizer step (all GPUs, all accumulation steps)
+accum_steps = 1             # gradient accumulation micro-steps per optimizer step
+lr = 5e-4                   # learning rate at batch 256, scaled linearly: lr * batch_size / 256 (DINO's rule)
+min_lr = 1e-6               # final learning rate of the cosine schedule
+weight_decay = 0.04         # AdamW weight decay at the start (not on biases and norms), cosine to weight_decay_end
+weight_decay_end = 0.4      # AdamW weight decay at the end of the run
+beta1 = 0.9                 # AdamW beta1
+beta2 = 0.999               # AdamW beta2
+grad_clip = 3.0             # clip each parameter's gradient norm at this value (DINO's per-tensor rule); 0 = off
+# system
+device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
+dtype = 'bfloat16'          # autocast on CUDA: bfloat16 | float16 (with GradScaler) | float32; the CPU runs float32
+compile = True              # torch.compile the training step on CUDA (the CPU runs eager)
+compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (default mode under DDP or accumulation)
+seed = 0                    # seeds the initialisation, the data order and the views
+# output
+out_dir = 'out/dino'        # ckpt.pt, log.jsonl, results.json
+resume = False              # continue the run in out_dir from its ckpt.pt
+log_every = 50              # steps between log lines (each costs one host sync); also at steps 1, 2, 4, 8, ...
+ckpt_every = 10             # epochs between checkpoints and kNN (and always at the end)
+val_images = 1024           # fixed val images: the kNN queries
+knn_bank = 10000            # train images (a fixed subset) in the kNN bank logged at each checkpoint; 0 = no kNN
+bench_steps = 0             # >0: benchmark mode: time this many steps after warm-up, print, exit (no files)
+bench_warmup = 30           # benchmark warm-up steps (compilation, CUDA graph capture)
+# -----------------------------------------------------------------------------
+
+
+CHECKS = [  # rules between values (each value's own rule is in common.RULES)
+    (lambda c: 0 < c.local_crops_min < c.global_crops_min or c.local_crops_number == 0, "--local_crops_min "
+     "{local_crops_min} must be in (0, --global_crops_min {global_crops_min}): local crops cover [local_crops_min, "
+     "global_crops_min] of the image area"),
+]
+FIXED_ON_RESUME = ('model', 'img_size', 'patch_size', 'out_dim', 'head_hidden', 'head_bottleneck', 'dataset', 'subset',
+                   'batch_size')  # the weights and the step count depend on these
+
+# -----------------------------------------------------------------------------
+# the views: DINO's multi-crop augmentation, on the device, each sample with its own draws
+
+VIEW_STREAM = 7                 # seed_for(seed, VIEW_STREAM, step) seeds the views (others: 1 masks, 2 calibration, 4 drop path)
+CROP_TRIES = 10                 # RandomResizedCrop's attempts before it falls back to the whole image
+CROP_RATIO = (3 / 4, 4 / 3)     # RandomResizedCrop's aspect-ratio range
+JITTER = (0.4, 0.4, 0.2, 0.1)   # ColorJitter strengths: brightness, contrast, saturation, hue
+JITTER_P, GRAY_P = 0.8, 0.2     # probabilities of the colour jitter and of grayscale
+BLUR_P = (1.0, 0.1, 0.5)        # Gaussian blur probability: first global view, second global view, local views
+SOLARIZE_P = (0.0, 0.2, 0.0)    # solarisation probability: the same three
+BLUR_SIGMA = (0.1, 2.0)         # blur sigma range in pixels of the view (PIL's radius in DINO's GaussianBlur)
+BLUR_RADIUS = 6                 # blur kernel half-width: 3 sigma at the largest sigma
+GRAY = (0.2989, 0.587, 0.114)   # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # RGB -> YIQ (NTSC)
+U_SIZES = (2 * CROP_TRIES + 3, 9, 1, 2, 1)  # uniforms per view: crop, colour jitter, grayscale, blur, solarisation
+
+
+def random_resized_crop(x, u, size, scale):
+    """torchvision's RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip from uniforms u (N, 23): the
+    first of CROP_TRIES boxes that fits, else the whole image, resampled to size x size (as data.random_resized_crop,
+    with the draws given). x (N, 3, H, W) in [0, 1] -> (N, 3, size, size) in [0, 1]."""
+    N, _, H, W = x.shape
+    t = CROP_TRIES
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :t])  # (N, tries) in pixels
+    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    r = (lo + (hi - lo) * u[:, t:2 * t]).exp()
+    w, h = (area * r).sqrt(), (area / r).sqrt()
+    ok = (w <= W) & (h <= H)
+    first = ok.byte().argmax(1, keepdim=True)  # the first try that fits
+    fits = ok.any(1)
+    sw = torch.where(fits, w.gather(1, first)[:, 0] / W, 1.0)  # crop size as a fraction of the image, (N,)
+    sh = torch.where(fits, h.gather(1, first)[:, 0] / H, 1.0)
+    cx, cy, flip = (2 * u[:, 2 * t:] - 1).unbind(1)  # each (N,) in [-1, 1]
+    sx = torch.where(flip < 0, -sw, sw)  # mirrored with probability 0.5: a negative x scale
+    zero = torch.zeros_like(sw)
+    theta = torch.stack([sx, zero, (1 - sw) * cx, zero, sh, (1 - sh) * cy], 1).view(N, 2, 3)  # (N, 6) -> (N, 2, 3)
+    grid = F.affine_grid(theta, [N, 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False).clamp(0, 1)
+
+
+def colour_jitter(x, u, gray, yiq, yiq_inv):
+    """torchvision's RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) from uniforms u (N, 9): apply, four factors,
+    four keys whose argsort is the sample's order of the ops. Each op is an affine map of the colours (a 3x3 matrix
+    per sample, plus an offset for contrast), so a round is one batched matmul whatever op each sample does; the
+    result is clamped after every op, as torchvision does. Brightness, contrast and saturation are torchvision's
+    formulas; hue is a rotation by 2 pi h of the (I, Q) chroma plane in YIQ space, in the direction of torchvision's
+    HSV hue shift (red turns to yellow for h > 0) but keeping the luma where torchvision keeps HSV value and
+    saturation: the hues turn alike, the pixels differ (an HSV shift is not an affine map of the colours). A sample
+    that does not jitter gets identity matrices, so its image is unchanged to the bit."""
+    N = len(x)
+    apply = u[:, 0] < JITTER_P
+    b, c, s = (torch.where(apply, 1 + k * (2 * u[:, i] - 1), 1.0) for i, k in zip((1, 2, 3), JITTER))  # each (N,)
+    angle = torch.where(apply, -2 * math.pi * JITTER[3] * (2 * u[:, 4] - 1), 0.0)  # minus: red turns to yellow
+    eye = torch.eye(3, device=x.device)
+    rot = torch.zeros(N, 3, 3, device=x.device)  # rotation minus identity in YIQ: exactly 0 at angle 0
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = angle.cos() - 1, -angle.sin(), angle.sin(), angle.cos() - 1
+    mats = torch.stack([b.view(N, 1, 1) * eye,                                    # brightness: b x
+                        c.view(N, 1, 1) * eye,                                    # contrast: c x + (1 - c) mean gray
+                        s.view(N, 1, 1) * eye + (1 - s).view(N, 1, 1) * gray.expand(3, 3),  # saturation: s x + (1 - s) gray
+                        eye + yiq_inv @ rot @ yiq], 1)              # hue; (N, 4, 3, 3)
+    offset = torch.stack([torch.zeros_like(c), 1 - c, torch.zeros_like(c), torch.zeros_like(c)], 1)  # (N, 4)
+    order, rows = u[:, 5:9].argsort(1), torch.arange(N, device=x.device)  # (N, 4): a random permutation per sample
+    for r in range(4):
+        op = order[:, r]
+        mean_gray = x.mean((2, 3)) @ gray  # (N,): the image's mean gray level before this op
+        x = torch.einsum('nij,njhw->nihw', mats[rows, op], x) + (offset[rows, op] * mean_gray).view(N, 1, 1, 1)
+        x = x.clamp(0, 1)
+    return x
+
+
+def grayscale(x, on, gray):
+    """RandomGrayscale: the luma in all three channels where `on` (N,) bool."""
+    return torch.where(on.view(-1, 1, 1, 1), torch.einsum('c,nchw->nhw', gray, x).unsqueeze(1).expand_as(x), x)
+
+
+def gaussian_blur(x, u, on):
+    """DINO's GaussianBlur (PIL's, radius = sigma ~ U[0.1, 2] from u[:, 1]) where `on` (N,) bool: a separable Gaussian
+    of half-width BLUR_RADIUS, edge pixels repeated. Samples that do not blur get a unit impulse, so the batch is
+    always the same two grouped convolutions."""
+    N, C, H, W = x.shape
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 1]
+    t = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-t ** 2 / (2 * sigma[:, None] ** 2))  # (N, 2R+1)
+    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).to(x.dtype))
+    k = k.repeat_interleave(C, 0)  # (N*C, 2R+1): one kernel per channel of each sample
+    y = F.pad(x.reshape(1, N * C, H, W), (BLUR_RADIUS,) * 4, mode='replicate')  # (1, N*C, H+2R, W+2R)
+    y = F.conv2d(y, k.view(N * C, 1, 1, -1), groups=N * C)  # along x
+    y = F.conv2d(y, k.view(N * C, 1, -1, 1), groups=N * C)  # along y
+    return y.view(N, C, H, W)
+
+
+def solarize(x, on):
+    """PIL's ImageOps.solarize (threshold 128): levels >= 128 inverted, where `on` (N,) bool."""
+    return torch.where(on.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+
+
+class Views:
+    """DINO's multi-crop: two global views (blur p 1 and 0.1, solarisation p 0.2 on the second) and
+    local_crops_number smaller local views (blur p 0.5), each with flip, colour jitter and grayscale. draw(step)
+    gives the uniforms of the whole global batch; a rank makes the views of its own rows from their uniforms."""
+
+    def __init__(self, cfg, img_size, local_size, device):
+        self.cfg, self.img_size, self.local_size, self.device = cfg, img_size, local_size, device
+        self.gen = torch.Generator(device=device)
+        self.gray, self.yiq = torch.tensor(GRAY, device=device), torch.tensor(YIQ, device=device)
+        self.yiq_inv = torch.linalg.inv(self.yiq)
+        # per view: (blur, solarisation) probabilities, made once so that no step copies from the host
+        self.global_p = torch.tensor(list(zip(BLUR_P[:2], SOLARIZE_P[:2])), device=device)  # (2, 2)
+        self.local_p = torch.tensor([[BLUR_P[2], SOLARIZE_P[2]]], device=device)            # (1, 2)
+
+    def draw(self, step):
+        """(2 + local_crops_number, batch_size, sum(U_SIZES)) uniforms of the global batch of `step`: a function of
+        (seed, step) only, whatever the number of ranks or micro-batches, and again after a resume."""
+        self.gen.manual_seed(data.seed_for(self.cfg.seed, VIEW_STREAM, step))
+        return torch.rand(2 + self.cfg.local_crops_number, self.cfg.batch_size, sum(U_SIZES), generator=self.gen,
+                          device=self.device)
+
+    def __call__(self, x, u):
+        """x (n, 3, H, W) in [0, 1] and u (2 + L, n, U) its draws -> normalised (global views (2n, 3, S, S), local
+        views (L n, 3, s, s) or None), view-major: all the samples' first view, then their second, ..."""
+        n, L = len(x), self.cfg.local_crops_number
+        views = self.augment(x.repeat(2, 1, 1, 1), u[:2].flatten(0, 1), self.img_size, (self.cfg.global_crops_min, 1.0),
+                             self.global_p.repeat_interleave(n, 0))
+        if L == 0:
+            return views, None
+        return views, self.augment(x.repeat(L, 1, 1, 1), u[2:].flatten(0, 1), self.local_size,
+                                   (self.cfg.local_crops_min, self.cfg.global_crops_min), self.local_p.expand(L * n, 2))
+
+    def augment(self, x, u, size, scale, p):
+        """x (N, 3, H, W) in [0, 1], u (N, U) uniforms, p (N, 2) blur and solarisation probabilities -> (N, 3, size, size)."""
+        crop_u, jitter_u, gray_u, blur_u, solarize_u = u.split(U_SIZES, 1)
+        x = random_resized_crop(x, crop_u, size, scale)
+        x = colour_jitter(x, jitter_u, self.gray, self.yiq, self.yiq_inv)
+        x = grayscale(x, gray_u[:, 0] < GRAY_P, self.gray)
+        x = gaussian_blur(x, blur_u, blur_u[:, 0] < p[:, 0])
+        x = solarize(x, solarize_u[:, 0] < p[:, 1])
+        return data.normalize(x)
+
+# -----------------------------------------------------------------------------
+# the networks and the loss
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: a 3-layer MLP with GELU (hidden -> bottleneck), L2 normalisation, then a
+    weight-normalised Linear without bias whose norm is fixed at 1 (norm_last_layer=True): each output row of the
+    last layer's weight is divided by its norm at every forward."""
+
+    def __init__(self, in_dim, out_dim, hidden, bottleneck):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):  # DINO's init; the last layer keeps Linear's default, as in DINO
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))  # weight norm with g = 1
+
+
+def local_positions(pos_embed, grid):
+    """The fixed patch positions (1, 1+G*G, D) interpolated bicubically to a grid x grid local view -> (1, grid*grid, D),
+    as DINO's interpolate_pos_encoding: a local crop spans the same range of positions as a global one."""
+    G, D = math.isqrt(pos_embed.shape[1] - 1), pos_embed.shape[2]
+    p = pos_embed[0, 1:].reshape(G, G, D).permute(2, 0, 1)[None]               # (1, D, G, G)
+    p = F.interpolate(p, size=(grid, grid), mode='bicubic', align_corners=False)  # (1, D, g, g)
+    return p[0].permute(1, 2, 0).reshape(1, grid * grid, D)
+
+
+class MultiCropWrapper(nn.Module):
+    """Encoder + head on the cls feature of every view (DINO's MultiCropWrapper): the global views in one pass, the
+    local views (another resolution) in a second; the head runs once on all of them."""
+
+    def __init__(self, encoder, head, local_grid=0):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+        if local_grid:  # recomputed from the fixed positions, so not saved
+            self.register_buffer('local_pos', local_positions(encoder.pos_embed, local_grid), persistent=False)
+
+    def forward(self, global_views, local_views=None):
+        f = self.encoder.forward_features(global_views, pool='cls')  # (2n, D)
+        if local_views is not None:
+            local = self.encoder.encode(self.encoder.patch_embed(local_views) + self.local_pos)[:, 0]  # (L n, D)
+            f = torch.cat([f, local])
+        return self.head(f)
+
+
+def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp):
+    """DINO's loss on view-major outputs: student (V n, K) for V views, teacher (2n, K) for the two global views.
+    The mean over samples of H(teacher view t, student view v), averaged over every pair with v != t. The teacher is
+    centred and sharpened: softmax((out - center) / teacher_temp). -> (loss, mean entropy of the teacher's outputs)."""
+    n, K = teacher_out.shape[0] // 2, teacher_out.shape[1]
+    V = student_out.shape[0] // n
+    logp = F.log_softmax(student_out.float() / student_temp, dim=-1).view(V, n, K)
+    logq = F.log_softmax((teacher_out.float() - center) / teacher_temp, dim=-1).view(2, n, K)
+    q = logq.exp()
+    ce = -torch.einsum('tnk,vnk->tv', q, logp) / n  # (2, V): cross-entropy of every (teacher, student) view pair
+    loss = (ce.sum() - ce.diagonal().sum()) / (2 * V - 2)  # the diagonal pairs a view with itself
+    return loss, -(q * logq).sum(-1).mean()
+
+
+class DINO(nn.Module):
+    """Student and teacher and the loss in one module, so that one torch.compile covers the step; DDP wraps it and
+    syncs the student's gradients (the teacher has none: it is an EMA of the student, updated by update_teacher)."""
+
+    def __init__(self, student, teacher, out_dim, student_temp):
+        super().__init__()
+        self.student, self.teacher, self.student_temp = student, teacher, student_temp
+        self.teacher.requires_grad_(False)
+        self.register_buffer('center', torch.zeros(out_dim))
+        # set every step from its schedule; a tensor, so that torch.compile does not recompile for each new value
+        self.register_buffer('teacher_temp', torch.ones(()))
+
+    def forward(self, global_views, local_views=None):
+        """-> (loss, sum of the teacher's outputs over its views (K,) for the centre, teacher output entropy)."""
+        with torch.no_grad():
+            t = self.teacher(global_views).float()  # (2n, K)
+        s = self.student(global_views, local_views)  # ((2 + L) n, K)
+        loss, entropy = dino_loss(s, t, self.center, self.teacher_temp, self.student_temp)
+        return loss, t.sum(0), entropy
+
+
+def build(mcfg, cfg, local_size):
+    """The DINO module: a student (encoder with drop path, head) and a teacher of the same architecture that starts
+    from the student's weights, as in DINO."""
+    def net(drop, grid):
+        return MultiCropWrapper(M.VisionTransformer(replace(mcfg, drop_path=drop)),
+                                DINOHead(mcfg.embed_dim, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck), grid)
+    student = net(cfg.drop_path, (local_size // mcfg.patch_size) * (cfg.local_crops_number > 0))
+    teacher = net(0.0, 0)
+    teacher.load_state_dict(student.state_dict())
+    return DINO(student, teacher, cfg.out_dim, cfg.student_temp)
+
+
+def local_view_size(cfg, mcfg):
+    """The local view side: --local_crops_size, or 96/224 of img_size rounded to whole patches (at least one)."""
+    p = mcfg.patch_size
+    size = cfg.local_crops_size or max(p, round(mcfg.img_size * 96 / 224 / p) * p)
+    if size % p or size > mcfg.img_size:
+        raise common.UserError(f"--local_crops_size {size} must be a multiple of the patch size {p} and at most "
+                               f"img_size {mcfg.img_size}: choose e.g. {min(mcfg.img_size, max(p, size // p * p))}")
+    return size
+
+# -----------------------------------------------------------------------------
+# the schedules and the updates outside the gradient step
+
+
+def teacher_temp_at(epoch, cfg):
+    """DINO's teacher temperature: np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs) for the
+    first epochs, then teacher_temp."""
+    w = cfg.warmup_teacher_temp_epochs
+    if epoch >= w:
+        return cfg.teacher_temp
+    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * epoch / max(w - 1, 1)
+
+
+@torch.no_grad()
+def update_teacher(teacher_params, student_params, m):
+    """DINO's EMA, parameter by parameter: teacher = m * teacher + (1 - m) * student (one fused op per list)."""
+    torch._foreach_mul_(teacher_params, m)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
+
+
+@torch.no_grad()
+def update_center(center, teacher_sum, count, m):
+    """DINO's centre: center = m * center + (1 - m) * the mean teacher output over `count` rows (the global batch's
+    global views; teacher_sum is their sum over every rank)."""
+    center.mul_(m).add_(teacher_sum / count, alpha=1 - m)
+
+
+@torch.no_grad()
+def clip_per_tensor(params, clip):
+    """DINO's clip_gradients, without a host sync: each gradient scaled to norm at most `clip`, on its own."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads))
+    torch._foreach_mul_(grads, (clip / (norms + 1e-6)).clamp(max=1.0).unbind())
+
+
+def flops_per_image(dino, img_size, local_size, n_local, device):
+    """Training FLOPs per source image, counted by torch's FlopCounterMode on one forward of each network: the
+    student on every view (x3 for forward + backward), the teacher on the two global views."""
+    g = torch.zeros(2, 3, img_size, img_size, device=device)
+    local = torch.zeros(n_local, 3, local_size, local_size, device=device) if n_local else None
+    counts = []
+    for fn in (lambda: dino.student(g, local), lambda: dino.teacher(g)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        counts.append(counter.get_total_flops())
+    return 3 * counts[0] + counts[1]
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg, given = common.configure(globals(), argv, CHECKS)
+    with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
+        return train(cfg, given, run)
+
+
+def train(cfg, given, run):
+    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'dino', FIXED_ON_RESUME)
+    try:
+        mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None)
+    except ValueError as e:
+        raise common.UserError(str(e)) from None
+    local_size = local_view_size(cfg, mcfg)
+    device = run.device
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    dino = build(mcfg, cfg, local_size).to(device)
+    student, teacher = dino.student, dino.teacher
+    flops = flops_per_image(dino, mcfg.img_size, local_size, cfg.local_crops_number, device)
+    torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank))  # drop path: its own stream on each rank
+
+    # data: the whole split as uint8 on the device; each rank makes the views of its rows of the global batch
+    train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
+    loader = data.DeviceLoader(train_split, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
+                               rank=run.rank, world_size=run.world_size, accum_steps=cfg.accum_steps,
+                               img_size=mcfg.img_size)
+    views = Views(cfg, mcfg.img_size, local_size, loader.device)
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = cfg.bench_warmup + cfg.bench_steps if cfg.bench_steps else cfg.epochs * steps_per_epoch
+    warmup_steps = common.warmup_steps(cfg, given, steps_per_epoch, run)
+    peak_lr = cfg.lr * cfg.batch_size / 256
+
+    # optimizer: AdamW on the student; the weight decay of the decayed group follows its own schedule
+    groups = common.param_groups(student, cfg.weight_decay)
+    for group in groups:
+        group['decayed'] = group['weight_decay'] > 0  # (kept in the optimizer's state dict)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.beta1, cfg.beta2), **(dict(fused=True) if run.cuda else {}))
+    last_layer = student.head.last_layer.weight
+    step = 0
+    if ck is not None:  # resume: both networks, the centre, optimizer, scaler, RNG (drop path) and the step
+        student.load_state_dict(ck['student'])
+        M.load_weights(teacher.encoder, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
+        teacher.head.load_state_dict(ck['teacher_head'])
+        dino.center.copy_(ck['center'])
+        optimizer.load_state_dict(ck['optimizer'])
+        if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
+            run.scaler.load_state_dict(ck['scaler'])
+        if run.rank == 0:
+            common.set_rng_state(ck['rng'])
+        else:
+            torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
+        step = ck['step']
+
+    # fixed val images (spread over the split, all classes) as the kNN queries, a fixed train subset as the bank
+    if not cfg.bench_steps:
+        val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
+        pick = torch.linspace(0, len(val_split.labels) - 1, min(cfg.val_images, len(val_split.labels))).long()
+        val_split = data.Split(val_split.images[pick], val_split.labels[pick], val_split.classes)
+        knn_split = data.subset(train_split, cfg.knn_bank, cfg.seed)
+
+    n_student = sum(p.numel() for p in student.parameters())
+    n_enc = sum(p.numel() for p in student.encoder.parameters())
+    run.banner({'params': f"{n_student / 1e6:.2f}M student ({n_enc / 1e6:.2f}M encoder), the same in the teacher",
+                'views': f"2 x {mcfg.img_size}px global (area {cfg.global_crops_min:g}-1)" + (
+                    f" + {cfg.local_crops_number} x {local_size}px local (area {cfg.local_crops_min:g}-"
+                    f"{cfg.global_crops_min:g})" if cfg.local_crops_number else ""),
+                'log K': f"{math.log(cfg.out_dim):.3f}", 'train images': len(train_split.labels),
+                'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size, 'micro batch': loader.micro_batch,
+                'peak lr': f"{peak_lr:.3g}", 'start step': step})
+
+    # compile the DINO module (both networks + loss) and wrap it for DDP; `dino` stays raw for saving and updates
+    mode = common.compile_mode(cfg, run)
+    step_model = torch.compile(dino, mode=mode) if mode else dino
+    if run.ddp:
+        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    cudagraphs = mode in ('reduce-overhead', 'max-autotune')
+    peak = common.peak_flops(run)
+    teacher_params, student_params = list(teacher.parameters()), list(student.parameters())
+
+    def save(top1=None):
+        common.save_atomic({'kind': 'dino', 'model': teacher.encoder.state_dict(), 'model_config': asdict(mcfg),
+                            'student': student.state_dict(), 'teacher_head': teacher.head.state_dict(),
+                            'center': dino.center, 'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
+                            'step': step, 'epoch': step / steps_per_epoch, 'config': vars(cfg),
+                            'rng': common.rng_state(), 'knn_top1': top1, 'knn_floor': knn_floor},
+                           os.path.join(cfg.out_dir, 'ckpt.pt'))
+
+    def knn(what):
+        if not cfg.knn_bank or not run.master:
+            return None
+        t0 = time.time()
+        result = evaluate.knn_top1(teacher.encoder, knn_split, val_split, run)
+        dino.train()
+        run.log(dict(event='knn', step=step, what=what, **result),
+                f"kNN top-1 of the teacher on {len(val_split.labels)} val images ({what}): {result['top1']:.2f}% "
+                f"({len(knn_split.labels)} bank, {time.time() - t0:.1f}s)")
+        return result['top1']
+
+    knn_floor = ck.get('knn_floor') if ck is not None else None
+    if not cfg.bench_steps and step == 0:
+        knn_floor = knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
+
+    # the loop
+    dino.train()
+    t_start = t_log = time.time()
+    zero = torch.zeros((), device=device)
+    loss_sum, entropy_sum, n_losses, step_logged = zero.clone(), zero.clone(), 0, step
+    loss_now, entropy_now, top1 = float('nan'), float('nan'), None
+    teacher_sum = torch.zeros(cfg.out_dim, device=device)
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
+            if cfg.bench_steps and step == cfg.bench_warmup:  # benchmark: the timed steps start here
+                t_bench = common.bench_start(run)
+            lr_now = common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
+            wd_now = common.get_lr(step, total_steps, 0, cfg.weight_decay, cfg.weight_decay_end)  # cosine, no warm-up
+            for group in optimizer.param_groups:
+                group['lr'] = lr_now * group['lr_scale']
+                group['weight_decay'] = wd_now if group['decayed'] else 0.0
+            temp_now = teacher_temp_at(epoch, cfg)
+            dino.teacher_temp.fill_(temp_now)
+            u = views.draw(step)  # (2 + L, batch_size, U): the views of the whole global batch; each rank takes its rows
+            teacher_sum.zero_()
+            for micro, (x, _) in enumerate(micro_batches):
+                global_views, local_views = views(data.denormalize(x), u[:, loader.rows(micro)])
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last step's outputs are consumed
+                # under DDP, gradients are all-reduced once per optimizer step, on its last micro-batch
+                with step_model.no_sync() if run.ddp and micro < cfg.accum_steps - 1 else contextlib.nullcontext():
+                    with run.autocast:
+                        loss, t_sum, entropy = step_model(global_views, local_views)
+                    run.scaler.scale(loss / cfg.accum_steps).backward()
+                loss_sum += loss.detach()  # summed on the device: no host sync per step
+                entropy_sum += entropy
+                teacher_sum += t_sum
+                n_losses += 1
+            if cfg.grad_clip > 0:
+                run.scaler.unscale_(optimizer)
+                clip_per_tensor(student_params, cfg.grad_clip)
+            if epoch < cfg.freeze_last_layer:
+                last_layer.grad = None  # DINO: the last layer is not updated in the first epochs
+            run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
+            run.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # the teacher and the centre, identically on every rank (the student's weights and the sums are the same)
+            update_teacher(teacher_params, student_params, common.get_lr(step, total_steps, 0, cfg.momentum_teacher, 1.0))
+            if run.ddp:
+                dist.all_reduce(teacher_sum)
+            update_center(dino.center, teacher_sum, 2 * cfg.batch_size, cfg.center_momentum)
+            step += 1
+
+            if cfg.bench_steps:
+                if step == total_steps:
+                    return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
+                                               f"dino {cfg.model} {cfg.local_crops_number} local crops")
+                continue
+
+            # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
+            end_of_epoch = step % steps_per_epoch == 0
+            log_now = step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
+            stopping = bool(run.mean(run.stop_signal)) if run.ddp else bool(run.stop_signal)  # ranks agree
+            if log_now or stopping:
+                loss_now = run.mean(loss_sum.item() / n_losses)
+                entropy_now = run.mean(entropy_sum.item() / n_losses)
+                if not math.isfinite(loss_now):
+                    kept = (f"the last good checkpoint {cfg.out_dir}/ckpt.pt is untouched"
+                            if os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')) else "no checkpoint was written")
+                    raise common.NonFiniteLoss(f"loss became {loss_now} at step {step}; {kept}: lower --lr, lower "
+                                               f"--grad_clip, or use --dtype bfloat16")
+                dt, t_log = time.time() - t_log, time.time()
+                ips = (step - step_logged) * cfg.batch_size / dt
+                mfu = ips * flops / (peak * run.world_size) if peak else None
+                eta = (total_steps - step) * dt / (step - step_logged)
+                run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now,
+                             teacher_entropy=entropy_now, lr=lr_now, weight_decay=wd_now, teacher_temp=temp_now,
+                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
+                        f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
+                        f"teacher entropy {entropy_now:.3f} | lr {lr_now:.2e} | {ips:,.0f} img/s"
+                        + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | eta {common.fmt_eta(eta)}")
+                loss_sum.zero_()
+                entropy_sum.zero_()
+                n_losses, step_logged = 0, step
+            if stopping:  # SIGTERM (pre-emption) or Ctrl-C: save where we are and say how to continue
+                if run.master:
+                    save()
+                run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; continue "
+                          f"with: python dino.py --resume true --out_dir {cfg.out_dir}")
+                return 128 + run.stop_signal
+            if end_of_epoch:
+                done = step // steps_per_epoch
+                checkpoint = done % cfg.ckpt_every == 0 or step == total_steps
+                if run.master and checkpoint:
+                    top1 = knn(f"epoch {done}")
+                    save(top1)
+                    run.log(dict(event='checkpoint', step=step, epoch=done, knn_top1=top1),
+                            f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
+                if run.ddp and checkpoint:
+                    dist.barrier()
+
+    if run.master:  # the run's summary; its presence also marks the run as finished (reproduce.sh skips it)
+        summary = dict(script='dino', model=cfg.model, dataset=cfg.dataset, epochs=cfg.epochs, steps=step,
+                       final_loss=loss_now, teacher_entropy=entropy_now, log_k=math.log(cfg.out_dim),
+                       knn_top1=top1, knn_floor=knn_floor, wall_s=round(time.time() - t_start, 1), config=vars(cfg))
+        common.save_atomic(json.dumps(summary, indent=1), os.path.join(cfg.out_dir, 'results.json'))
+    run.print(f"done in {time.time() - t_start:.0f}s: {cfg.out_dir}/ckpt.pt")
+    return 0
+
+
+if __name__ == '__main__':
+    common.cli(main)
