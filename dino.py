@@ -91,7 +91,7 @@ seed = 0                    # seeds the initialisation, the data order and the v
 # output
 out_dir = 'out/dino'        # ckpt.pt, log.jsonl, results.json
 resume = False              # continue the run in out_dir from its ckpt.pt
-log_every = 50              # steps between log lines (each costs one host sync); also at steps 1, 2, 4, 8, ...
+log_every = 50              # steps between log lines (each a host sync); also steps 1, 2, 4, 8... and every 10 s
 ckpt_every = 10             # epochs between checkpoints and kNN (and always at the end)
 val_images = 1024           # fixed val images: the kNN queries
 knn_bank = 10000            # train images (a fixed subset) in the kNN bank logged at each checkpoint; 0 = no kNN
@@ -561,8 +561,10 @@ def train(cfg, given, run):
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
             end_of_epoch = step % steps_per_epoch == 0
-            log_now = step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
-            stopping = bool(run.mean(run.stop_signal)) if run.ddp else bool(run.stop_signal)  # ranks agree
+            log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
+                       or (not run.ddp and time.time() - t_log > 10))  # in one process, a line at least every 10 s
+            # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
+            stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
                 loss_now = run.mean(loss_sum.item() / n_losses)
                 entropy_now = run.mean(entropy_sum.item() / n_losses)

@@ -396,11 +396,15 @@ def fmt(x, spec, none='unavailable'):
     return none if x is None else format(x, spec)
 
 
-def verdict(value, floors, higher_is_better=True):
-    """In words: the floors (name -> value) the model's value does not beat, or '' when it beats them all."""
-    below = [name for name, f in floors.items() if value is not None and f is not None
-             and (value <= f if higher_is_better else value >= f)]
-    return f"**below the {' and '.join(below)} floor{'s' if len(below) > 1 else ''}**" if below else ''
+SHORT = {'mean_colour_floor': 'mean colour', 'interpolation_floor': 'interpolation', 'random_init_floor': 'random init',
+         'pixel_floor': 'raw pixels'}
+
+
+def verdict(metric, value, floors):
+    """In words, the floors ({kind: value}) that the model's value does not beat: '**SSIM not above the floors: mean
+    colour, interpolation**', or '' when it beats them all."""
+    below = [SHORT[k] for k, f in floors.items() if value is not None and f is not None and value <= f]
+    return f"**{metric} not above the floor{'s' if len(below) > 1 else ''}: {', '.join(below)}**" if below else ''
 
 
 def markdown(res):
@@ -417,10 +421,9 @@ def markdown(res):
         for kind in KINDS:
             m, note = rec[kind], ''
             if kind == 'model':
-                floors = {k.split('_floor')[0].replace('_', ' '): rec[k] for k in KINDS[1:]}
                 note = ' '.join(filter(None, [
-                    verdict(m['psnr'], {k: f['psnr'] for k, f in floors.items()}).replace('floor', 'floor in PSNR'),
-                    verdict(m['ssim'], {k: f['ssim'] for k, f in floors.items()}).replace('floor', 'floor in SSIM'),
+                    verdict('PSNR', m['psnr'], {k: rec[k]['psnr'] for k in KINDS[1:]}),
+                    verdict('SSIM', m['ssim'], {k: rec[k]['ssim'] for k in KINDS[1:]}),
                     f"{refs['psnr']['value']} dB / {refs['ssim']['value']} ({refs['psnr']['source']})" if 'psnr' in refs else '']))
             lines.append(f"| {KIND_NAMES[kind]} | {fmt(m['psnr'], '.2f')} | {fmt(m['ssim'], '.4f')} | "
                          f"{fmt(m['lpips'], '.4f')} | {note} |")
@@ -436,10 +439,10 @@ def markdown(res):
         for kind in FEATURES:
             r, note = rep[kind], ''
             if kind == 'model':
-                note = verdict(r['knn']['top1'], {FEATURE_NAMES[k][7:]: rep[k]['knn']['top1'] for k in FEATURES[1:]})
+                note = verdict('kNN', r['knn']['top1'], {k: rep[k]['knn']['top1'] for k in FEATURES[1:]})
                 if r['probe'] and name == res['dataset']:
-                    probe_note = verdict(r['probe']['top1'], {FEATURE_NAMES[k][7:]: rep[k]['probe']['top1'] for k in FEATURES[1:]})
-                    note = ' '.join(filter(None, [note.replace('floor', 'floor in kNN'), probe_note.replace('floor', 'floor in the probe')]))
+                    note = ' '.join(filter(None, [note, verdict('probe', r['probe']['top1'],
+                                                                {k: rep[k]['probe']['top1'] for k in FEATURES[1:]})]))
                     ref = refs.get('linear_probe_top1')
                     note += f" probe reference {ref['value']} ({ref['source']})" if ref else ''
             probe_txt = fmt(r['probe']['top1'], '.2f') if r['probe'] else ''
@@ -464,11 +467,13 @@ def main(argv=None):
     cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'eval')
     previous = os.path.join(cfg.out_dir, 'eval.json')
     if os.path.exists(previous):
-        with contextlib.suppress(ValueError, OSError):
+        try:
             old = json.load(open(previous)).get('checkpoint_id')
-        if locals().get('old') != checkpoint_id(cfg.ckpt, ck):
-            raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({locals().get('old') or 'unknown'}): "
-                                   f"choose another --out_dir (by default each checkpoint is evaluated beside itself)")
+        except (ValueError, OSError, AttributeError):
+            old = None
+        if old != checkpoint_id(cfg.ckpt, ck):
+            raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({old or 'unknown'}): choose "
+                                   f"another --out_dir (by default each checkpoint is evaluated beside itself)")
     with common.Run(cfg, 'evaluate', training=False) as run:
         if run.ddp:
             raise common.UserError("evaluate.py runs in one process: start it with python, not torchrun")

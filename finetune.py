@@ -69,7 +69,7 @@ seed = 0                    # seeds the head / model initialisation, the data or
 # output
 out_dir = 'out/finetune'    # ckpt.pt, log.jsonl, results.json
 resume = False              # continue the run in out_dir from its ckpt.pt
-log_every = 50              # steps between log lines (each costs one host sync)
+log_every = 50              # steps between log lines (each a host sync); also steps 1, 2, 4, 8... and every 10 s
 ckpt_every = 10             # epochs between checkpoints (and always at the end)
 eval_every = 1              # epochs between top-1/top-5 evaluations on the val split (and always at the end)
 bench_steps = 0             # >0: benchmark mode: time this many steps after warm-up, print, exit (no files)
@@ -298,8 +298,10 @@ def train(cfg, given, pre, run):
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
             end_of_epoch = step % steps_per_epoch == 0
-            log_now = step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
-            stopping = bool(run.mean(run.stop_signal)) if run.ddp else bool(run.stop_signal)  # ranks agree
+            log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
+                       or (not run.ddp and time.time() - t_log > 10))  # in one process, a line at least every 10 s
+            # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
+            stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
                 loss_now = run.mean(loss_sum.item() / n_losses)
                 if not math.isfinite(loss_now):

@@ -402,16 +402,12 @@ class MaskedAutoencoderViT(VisionTransformer):
 
 def sample_block_masks(n, grid, num_masked, generator=None, device=None, min_area=16, log_aspect=math.log(1 / 0.3),
                        tries=4, rounds_per_check=8, max_rounds=1024):
-    """Draw n block masks on a grid x grid patch grid, each covering exactly `num_masked` patches and being exactly
-    the union of its rectangles (so after the argsort no block patch is visible and no other patch is masked).
-    BEiT's recipe: area ~ U[min_area, remaining], aspect log-uniform in [0.3, 1/0.3], and, here, never wrapping
-    around the grid edge. Rounds add at most one rectangle to every mask at once (no loop over masks): of `tries`
-    proposals per mask, the first that adds between 1 and `remaining` new patches is taken (rejection sampling), so
-    no mask overshoots; once fewer than min_area patches remain, a proposal aims at the remainder itself (down to
-    1x1), so every mask reaches its target exactly. Draws happen on the generator's device (else `device`), fresh on
-    every call; the host checks for completion only every `rounds_per_check` rounds, masks already done taking no
-    more rectangles meanwhile. Returns (cover (n, grid*grid) bool, rects (n, R, 4) long of (top, left, height,
-    width), all 0 (so height 0) where a mask got no rectangle in a round)."""
+    """n block masks on a grid x grid patch grid, each exactly `num_masked` patches and exactly the union of its
+    rectangles (BEiT's recipe: area ~ U[min_area, remaining], aspect log-uniform in [0.3, 1/0.3]; here never wrapping
+    around the edge). Each round adds at most one rectangle to every mask: the first of `tries` proposals that adds
+    1..remaining new patches (rejection sampling, so no overshoot); below min_area remaining, proposals aim at the
+    remainder itself. Drawn on the generator's device; the host checks for completion every `rounds_per_check`
+    rounds. -> (cover (n, grid*grid) bool, rects (n, R, 4) of (top, left, height, width), height 0 for no rectangle)."""
     if not 0 <= num_masked <= grid * grid:
         raise ValueError(f"cannot mask {num_masked} patches on a {grid}x{grid} patch grid")
     device = generator.device if generator is not None else device

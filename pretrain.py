@@ -67,7 +67,7 @@ seed = 0                    # seeds the initialisation, the data order and the m
 # output
 out_dir = 'out/pretrain'    # ckpt.pt, log.jsonl, results.json, recon_*.png
 resume = False              # continue the run in out_dir from its ckpt.pt
-log_every = 50              # steps between log lines (each costs one host sync); also at steps 1, 2, 4, 8, ...
+log_every = 50              # steps between log lines (each a host sync); also steps 1, 2, 4, 8... and every 10 s
 ckpt_every = 20             # epochs between checkpoints, val loss and kNN (and always at the end)
 picture_every = 20          # epochs between reconstruction grids (and always at the end)
 val_images = 1024           # val images for the val loss, the kNN queries and the pictures
@@ -275,8 +275,10 @@ def train(cfg, given, run):
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
             end_of_epoch = step % steps_per_epoch == 0
-            log_now = step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
-            stopping = bool(run.mean(run.stop_signal)) if run.ddp else bool(run.stop_signal)  # ranks agree
+            log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
+                       or (not run.ddp and time.time() - t_log > 10))  # in one process, a line at least every 10 s
+            # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
+            stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
                 loss_now = run.mean(loss_sum.item() / n_losses)
                 if not math.isfinite(loss_now):

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 import common
 import data
-import model as M
 
 # -----------------------------------------------------------------------------
 # config: the study's linear-probe recipe (its Table 6, listed in the README's recipe table)

@@ -251,3 +251,12 @@ def test_norm_pix_reconstructions_are_not_scored_and_the_table_says_why(tmp_path
     assert 'norm_pix_loss' in res['reconstruction']['skipped'] and 'leak' in res['reconstruction']['skipped']
     assert 'model' not in res['reconstruction'] and not (out / 'recon.png').exists()
     assert 'Reconstruction not scored' in (out / 'eval.md').read_text()
+
+
+def test_the_table_says_in_words_when_the_model_is_below_a_floor():
+    floors = {'mean_colour_floor': 0.52, 'interpolation_floor': 0.69}
+    assert evaluate.verdict('SSIM', 0.50, floors) == '**SSIM not above the floors: mean colour, interpolation**'
+    assert evaluate.verdict('SSIM', 0.60, floors) == '**SSIM not above the floor: interpolation**'
+    assert evaluate.verdict('SSIM', 0.70, floors) == ''
+    assert evaluate.verdict('kNN', 61.2, {'random_init_floor': 71.6, 'pixel_floor': 50.3}) == \
+        '**kNN not above the floor: random init**'

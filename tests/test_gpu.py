@@ -87,3 +87,14 @@ def test_smae_on_cuda(tmp_path):
     assert pretrain.main(DEMO + ['--epochs', '1', '--alpha', '0.5', '--critic', critic,
                                  '--out_dir', str(tmp_path / 'smae')]) == 0
     assert log(tmp_path / 'smae', 'calibration')[0]['c'] > 0
+
+
+def test_dino_on_cuda(tmp_path):
+    import dino
+    out = tmp_path / 'dino'
+    assert dino.main(['--dataset', 'demo', '--epochs', '2', '--warmup_epochs', '1', '--warmup_teacher_temp_epochs', '1',
+                      '--local_crops_number', '2', '--knn_bank', '512', '--log_every', '5', '--out_dir', str(out)]) == 0
+    assert log(out, 'start')[0]['dtype'] == 'bfloat16'
+    assert all(r['loss'] == r['loss'] for r in log(out, 'train'))  # finite, no NaN
+    assert finetune.main(['--ckpt', str(out / 'ckpt.pt'), '--dataset', 'demo', '--epochs', '1', '--warmup_epochs', '0',
+                          '--out_dir', str(tmp_path / 'ft')]) == 0
