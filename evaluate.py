@@ -10,7 +10,7 @@ PSNR and SSIM with scikit-image (SSIM with a Gaussian window, sigma 1.5, as in W
 model, against the original; plus the masked-patch MSE (the MAE loss). Floors: the same masks filled with the mean
 colour of the visible pixels, and by interpolation from the visible pixels (normalised convolution).
 Representation: weighted kNN (DINO's: cosine, k=20, T=0.07) and the study's linear probe (probe.py's code), each
-beside two floors computed on the same split: a randomly initialised encoder of the same architecture, and raw
+beside two floors computed on the same split: the run's own randomly initialised encoder (from its seed), and raw
 pixels (the images at 32x32). kNN also on a transfer dataset (CUB for a TIN checkpoint) when it is on disk.
 Writes <out_dir>/eval.json, eval.md (the table, also printed) and recon.png; out_dir defaults to
 <checkpoint folder>/eval, and an evaluation of another checkpoint there is never overwritten.
@@ -74,7 +74,7 @@ KINDS = ('model', 'mean_colour_floor', 'interpolation_floor')  # the three image
 KIND_NAMES = {'model': 'model (visible patches pasted)', 'mean_colour_floor': 'floor: mean colour of the visible pixels',
               'interpolation_floor': 'floor: interpolation from the visible pixels'}
 FEATURES = ('model', 'random_init_floor', 'pixel_floor')  # the three representations scored by kNN and the probe
-FEATURE_NAMES = {'model': 'model', 'random_init_floor': 'floor: random-init encoder, same architecture',
+FEATURE_NAMES = {'model': 'model', 'random_init_floor': "floor: the run's initial (random) encoder",
                  'pixel_floor': f'floor: raw pixels at {PIXEL_FLOOR_SIZE}x{PIXEL_FLOOR_SIZE}'}
 
 
@@ -488,8 +488,14 @@ def evaluate(cfg, ck, mcfg, run):
     t_start = time.time()
     encoder, _ = common.load_encoder(cfg.ckpt, loaded=ck, img_size=mcfg.img_size)
     encoder = encoder.to(run.device).eval()
-    torch.manual_seed(cfg.seed)
-    random_encoder = M.VisionTransformer(replace(encoder.cfg, num_classes=0)).to(run.device).eval()
+    # the random-init floor is the run's own initial encoder (the seed it was trained with), which pretrain.py and
+    # dino.py also log as their kNN floor at step 0
+    torch.manual_seed(ck['config'].get('seed', cfg.seed))
+    initial = M.build_mae(mcfg) if ck['kind'] == 'pretrain' else None  # pretrain.py built the whole MAE from the seed
+    random_encoder = M.VisionTransformer(replace(encoder.cfg, num_classes=0))  # dino.py: the encoder itself
+    if initial is not None:
+        random_encoder.load_state_dict(M.encoder_state_dict(initial.state_dict()))
+    random_encoder = random_encoder.to(run.device).eval()
     ck_cfg = ck['config']
     name = cfg.dataset or ck_cfg.get('dataset', 'tin')
     transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None}.get(cfg.transfer_dataset, cfg.transfer_dataset)

@@ -174,7 +174,7 @@ def test_end_to_end_on_demo(ckpt, tmp_path, monkeypatch):
     assert res['references'] == {}  # demo: no number of the study applies
     md = (out / 'eval.md').read_text()
     assert 'floor: interpolation' in md and 'linear probe' in md and 'kNN' in md
-    assert 'floor: random-init encoder' in md and 'floor: raw pixels' in md and 'Gaussian window, sigma 1.5' in md
+    assert "floor: the run's initial (random) encoder" in md and 'floor: raw pixels' in md and 'Gaussian window, sigma 1.5' in md
     assert (out / 'recon.png').stat().st_size > 1000
     assert not (out / '.lock').exists()
     # the masks are fixed by the seed, not by the batch size, and the pool gives what one process gives
@@ -260,3 +260,18 @@ def test_the_table_says_in_words_when_the_model_is_below_a_floor():
     assert evaluate.verdict('SSIM', 0.70, floors) == ''
     assert evaluate.verdict('kNN', 61.2, {'random_init_floor': 71.6, 'pixel_floor': 50.3}) == \
         '**kNN not above the floor: random init**'
+
+
+def test_the_random_init_floor_is_the_runs_own_initial_encoder(tmp_path):
+    """evaluate.py's random-init kNN floor and the floor pretrain.py logs at step 0 are the same number (the same
+    initial weights, bank and queries), so a user can read one beside the other."""
+    argv = TINY + ['--out_dir', str(tmp_path / 'pre'), '--data_dir', str(tmp_path / 'data'), '--epochs', '1',
+                   '--val_images', '384', '--seed', '3']
+    assert pretrain.main(argv) == 0
+    logged = [json.loads(line) for line in open(tmp_path / 'pre' / 'log.jsonl')]
+    floor = next(r for r in logged if r['event'] == 'knn' and r['what'].startswith('floor'))['top1']
+    out = tmp_path / 'eval'
+    assert evaluate.main(['--ckpt', str(tmp_path / 'pre' / 'ckpt.pt'), '--dataset', 'demo', '--subset', '256',
+                          '--probe_epochs', '0', '--use_lpips', 'false', '--workers', '1', '--seed', '3', '--out_dir', str(out)]) == 0
+    rep = json.loads((out / 'eval.json').read_text())['representation']['demo']
+    assert rep['random_init_floor']['knn']['top1'] == pytest.approx(floor)
