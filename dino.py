@@ -403,18 +403,23 @@ def flops_per_image(dino, img_size, local_size, n_local, device):
 # -----------------------------------------------------------------------------
 
 
+def model_config(cfg):
+    try:
+        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None)
+    except ValueError as e:
+        raise common.UserError(str(e)) from None
+
+
 def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
+    model_config(cfg)  # the model's own checks, before anything is read or written
     with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
         return train(cfg, given, run)
 
 
 def train(cfg, given, run):
     ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'dino', FIXED_ON_RESUME)
-    try:
-        mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None)
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
+    mcfg = model_config(cfg)  # (on resume, from the checkpoint's config)
     local_size = local_view_size(cfg, mcfg)
     device = run.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -132,20 +132,25 @@ def calibrate(objective, loader, cfg, run):
             f"SMAE calibration: c = {c:.4g} (pixel / perceptual loss over {len(ratios)} batches)")
 
 
+def model_config(cfg):
+    try:
+        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
+                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
+                             loss_on_all=cfg.alpha > 0)
+    except ValueError as e:  # e.g. a mask ratio that leaves no visible patch on this grid
+        raise common.UserError(str(e)) from None
+
+
 def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
+    model_config(cfg)  # the model's own checks, before anything is read or written
     with common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0) as run:
         return train(cfg, given, run)
 
 
 def train(cfg, given, run):
     ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'pretrain', FIXED_ON_RESUME)
-    try:
-        mcfg = M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
-                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
-                             loss_on_all=cfg.alpha > 0)
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
+    mcfg = model_config(cfg)  # (on resume, from the checkpoint's config)
     device = run.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     mae = M.build_mae(mcfg).to(device)

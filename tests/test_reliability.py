@@ -286,7 +286,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 ])
 def test_bad_value_rows(extra, needles, tiny, tmp_path, capsys, monkeypatch):
     one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, *extra), capsys, monkeypatch), *needles)
-    nothing_written(tmp_path / 'run')
+    assert not os.path.exists(tmp_path / 'run'), 'a bad value must be refused before anything is written'
 
 
 def test_help_row(capsys, monkeypatch):
