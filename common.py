@@ -171,6 +171,9 @@ def configure(namespace, argv, checks=()):
         sentinel = value == known[name] and known[name] in ('', 0)
         if ok is not None and not sentinel and not ok(value):
             raise UserError(f"--{name} must be {allowed}, got {value!r}")
+    if 'warmup_epochs' in given and 'epochs' in config and config['warmup_epochs'] >= config['epochs']:
+        raise UserError(f"--warmup_epochs {config['warmup_epochs']} is not shorter than --epochs {config['epochs']}: the lr "
+                        f"would never reach its peak; choose fewer warm-up epochs")
     cfg = SimpleNamespace(**config)
     for test, message in checks:
         if not test(cfg):
@@ -468,13 +471,10 @@ def peak_flops(run):
 
 def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05):
     """--warmup_epochs in steps. A warm-up as long as the run would never reach the peak lr: given explicitly it is
-    refused; left at the recipe's default (e.g. 20 epochs with --epochs 3) it is clipped to `fraction` of the run,
+    refused (by configure); left at the recipe's default (e.g. 20 epochs with --epochs 3) it is clipped to `fraction` of the run,
     about what the recipes use, with a line that says so."""
-    if cfg.warmup_epochs < cfg.epochs:
+    if cfg.warmup_epochs < cfg.epochs or 'warmup_epochs' in given:  # (a given one that is too long: refused by configure)
         return cfg.warmup_epochs * steps_per_epoch
-    if 'warmup_epochs' in given:
-        raise UserError(f"--warmup_epochs {cfg.warmup_epochs} is not shorter than --epochs {cfg.epochs}: the lr would "
-                        f"never reach its peak; choose fewer warm-up epochs")
     steps = round(fraction * cfg.epochs * steps_per_epoch)
     run.print(f"warmup: the recipe's {cfg.warmup_epochs} warm-up epochs do not fit in {cfg.epochs} epochs; "
               f"warming up over the first {steps} steps ({fraction:.0%} of the run) instead")
