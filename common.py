@@ -93,7 +93,8 @@ RULES = {
     'pool': _choice(M.POOLS), 'drop_path': UNIT_OPEN, 'label_smoothing': UNIT_OPEN,
     'mixup': (_finite(0), 'a Beta alpha >= 0 (0 = off)'), 'cutmix': (_finite(0), 'a Beta alpha >= 0 (0 = off)'),
     'layer_decay': (_finite(0, 1, lo_open=True), 'a number in (0, 1] (1 = off)'), 'feature_batch': AT_LEAST_1,
-    'transfer_dataset': _choice(('auto', 'none') + data.DATASETS), 'max_images': AT_LEAST_0, 'workers': AT_LEAST_0,
+    'transfer_dataset': _choice(('auto', 'none') + data.DATASETS), 'max_images': AT_LEAST_0,
+    'workers': (lambda v: 0 <= v <= (os.cpu_count() or 1), f'an integer from 0 to the {os.cpu_count()} CPU cores (0 = all but one)'),
     'knn_k': AT_LEAST_1, 'knn_temperature': POSITIVE,
     'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'process_timeout': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
     'batch_sizes': (lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')), 'integers >= 1, comma-separated'),
@@ -387,10 +388,11 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
     return net, ck
 
 
-def check_out_dir(run, cfg, given, kind, fixed):
+def check_out_dir(cfg, given, kind, fixed):
     """Resume or start fresh, never mixing two runs in one out_dir and never rewriting a finished run. Returns the
     checkpoint to resume from (or None) and the config to run with: on resume, the checkpoint's config with only
-    the given names changed; the names in `fixed` (architecture, data, batch) may not change."""
+    the given names changed; the names in `fixed` (architecture, data, batch) may not change. Called before the
+    out_dir is locked, so that a refusal writes nothing (a resume only reads)."""
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if not cfg.resume:
         if os.path.exists(path):
@@ -412,8 +414,8 @@ def check_out_dir(run, cfg, given, kind, fixed):
         raise UserError(f"{path} is a finished run of {old.get('epochs')} epochs: nothing to resume; to train it "
                         f"further pass --epochs N with N > {ck['epoch']:g}, or choose another --out_dir")
     changed = {k: (old.get(k), merged[k]) for k in given if old.get(k) != merged[k]}
-    if changed:
-        run.print("resume: changed from the checkpoint's config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if changed and int(os.environ.get('RANK', 0)) == 0:
+        print("resume: changed from the checkpoint's config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return ck, SimpleNamespace(**merged)
 
 

@@ -411,15 +411,15 @@ def model_config(cfg):
 
 
 def main(argv=None):
+    # config, resume and the model's checks before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
-    model_config(cfg)  # the model's own checks, before anything is read or written
+    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'dino', FIXED_ON_RESUME)
+    mcfg = model_config(cfg)
     with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
-        return train(cfg, given, run)
+        return train(cfg, given, ck, mcfg, run)
 
 
-def train(cfg, given, run):
-    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'dino', FIXED_ON_RESUME)
-    mcfg = model_config(cfg)  # (on resume, from the checkpoint's config)
+def train(cfg, given, ck, mcfg, run):
     local_size = local_view_size(cfg, mcfg)
     device = run.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -167,17 +167,18 @@ def evaluate(net, split, img_size, run):
 
 
 def main(argv=None):
+    # config, resume and every check (model, --ckpt) before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
+    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'finetune', FIXED_ON_RESUME)
     if cfg.arch == 'vit' and not cfg.ckpt:
-        preset_config(cfg)  # a bad model setting fails before anything is read or written
-    # a wrong --ckpt fails now, before any data is decoded; the loaded checkpoint is reused by build()
-    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt else None
+        preset_config(cfg)
+    # the pre-training checkpoint (--ckpt), read once here and reused by build()
+    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt and ck is None else None
     with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:
-        return train(cfg, given, pre, run)
+        return train(cfg, given, ck, pre, run)
 
 
-def train(cfg, given, pre, run):
-    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'finetune', FIXED_ON_RESUME)
+def train(cfg, given, ck, pre, run):
     device = run.device
 
     # data: the whole split as uint8 on the device; batches are gathered, resized, augmented and normalised there
@@ -187,7 +188,7 @@ def train(cfg, given, pre, run):
         raise common.UserError(f"{cfg.out_dir}/ckpt.pt has a {ck['model_config'].get('num_classes')}-way head but {cfg.dataset} "
                                f"has {num_classes} classes: choose another --out_dir")
     torch.manual_seed(cfg.seed)  # the same initial weights (the fresh head) on every rank
-    net, model_config, init = build(cfg, given, num_classes, ck, None if ck is not None else pre)
+    net, model_config, init = build(cfg, given, num_classes, ck, pre)
     net = net.to(device)
     img_size = (cfg.img_size or 64) if cfg.arch == 'squeezenet' else net.cfg.img_size
     torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank))  # drop path: its own stream on each rank

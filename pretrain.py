@@ -88,9 +88,8 @@ FIXED_ON_RESUME = ('model', 'img_size', 'patch_size', 'norm_pix_loss', 'alpha', 
 CRITIC_HOWTO = CHECKS[0][1].split(': ', 1)[1]
 
 
-def make_objective(mae, cfg):
-    """The loss module: plain MAE, or SMAE with a frozen critic. Every problem with the critic is found here,
-    before any data is loaded or step taken."""
+def load_critic(cfg):
+    """SMAE's frozen critic (None for plain MAE). Every problem with it is found here, before anything is written."""
     critic = None
     if cfg.alpha > 0 and cfg.critic == 'alexnet':  # torchvision's ImageNet AlexNet up to conv2 + ReLU (beyond the study)
         try:
@@ -109,7 +108,7 @@ def make_objective(mae, cfg):
         except ValueError as e:
             raise common.UserError(f"{e}; {CRITIC_HOWTO}") from None
         critic = net.features[:5]  # up to and including the second Fire module: 128 x 15 x 15 at 64 px
-    return M.MAEObjective(mae, critic, cfg.alpha, cfg.critic_sigmoid, cfg.weighting)
+    return critic
 
 
 @torch.no_grad()
@@ -142,19 +141,20 @@ def model_config(cfg):
 
 
 def main(argv=None):
+    # config, resume and every check (model, critic) before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
-    model_config(cfg)  # the model's own checks, before anything is read or written
+    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'pretrain', FIXED_ON_RESUME)
+    mcfg, critic = model_config(cfg), load_critic(cfg)
     with common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0) as run:
-        return train(cfg, given, run)
+        return train(cfg, given, ck, mcfg, critic, run)
 
 
-def train(cfg, given, run):
-    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(run, cfg, given, 'pretrain', FIXED_ON_RESUME)
-    mcfg = model_config(cfg)  # (on resume, from the checkpoint's config)
+def train(cfg, given, ck, mcfg, critic, run):
     device = run.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     mae = M.build_mae(mcfg).to(device)
-    objective = make_objective(mae, cfg).to(device)  # MAE loss, or SMAE with its critic (checked before any data loads)
+    # the loss as one module (model, losses, critic), so that one torch.compile covers it: MAE, or SMAE with its critic
+    objective = M.MAEObjective(mae, critic, cfg.alpha, cfg.critic_sigmoid, cfg.weighting).to(device)
 
     # data: the whole split as uint8 on the device; batches are gathered, resized and normalised there
     train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)

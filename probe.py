@@ -155,6 +155,7 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
 
 def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
+    _, cfg = common.check_out_dir(cfg, given, 'probe', ())  # refuses another run's out_dir and a finished probe
     pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))  # a wrong --ckpt fails before anything is written
     with common.Run(cfg, 'probe', lock=int(os.environ.get('RANK', 0)) == 0, training=False) as run:
         if not run.master:
@@ -164,7 +165,6 @@ def main(argv=None):
 
 def probe(cfg, given, pre, run):
     t_start = time.time()
-    _, cfg = common.check_out_dir(run, cfg, given, 'probe', ())  # refuses another run's out_dir and a finished probe
     device = run.device
     encoder, _ = common.load_encoder(cfg.ckpt, expect_model=cfg.model if 'model' in given else None, loaded=pre,
                                      img_size=cfg.img_size or None)

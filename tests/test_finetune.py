@@ -78,10 +78,9 @@ def test_from_scratch_and_the_squeezenet_critic(ft, tmp_path):
     path = str(tmp_path / 'critic' / 'ckpt.pt')
     ck = torch.load(path, weights_only=True)
     assert ck['kind'] == 'finetune' and ck['config']['arch'] == 'squeezenet' and ck['model_config']['num_classes'] == 8
-    mae = M.build_mae(M.make_config('vit_lite', img_size=32, patch_size=8, loss_on_all=True))
     cfg = SimpleNamespace(alpha=0.5, weighting='fixed', critic=path, critic_sigmoid=True)
-    objective = pretrain.make_objective(mae, cfg)
-    assert torch.equal(objective.critic[0].weight, ck['model']['features.0.weight'])
+    critic = pretrain.load_critic(cfg)
+    assert torch.equal(critic[0].weight, ck['model']['features.0.weight'])
 
 
 def test_layer_decay_scales():

@@ -132,3 +132,11 @@ def test_torchrun_two_ranks_equal_one_process(tiny, tmp_path):
     # only rank 0 wrote: one log with one start record
     assert len(records(tmp_path / 'ddp', 'start')) == 1
     assert records(tmp_path / 'ddp', 'start')[0]['world_size'] == 2
+
+
+def test_benchmark_mode_times_the_loop_and_writes_nothing(tiny, tmp_path):
+    """--bench_steps returns the figures of the real loop; a warm-up of 0 steps times from the first step."""
+    for warmup in (0, 1):
+        result = pretrain.main(tiny('--bench_steps', 2, '--bench_warmup', warmup))
+        assert result['images_per_s'] > 0 and result['step_ms'] > 0 and result['batch_size'] == 32
+    assert not (tmp_path / 'run').exists()

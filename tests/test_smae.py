@@ -103,7 +103,7 @@ def test_terms_equal_right_after_calibration(tmp_path):
                                  '--img_size', '32', '--patch_size', '8', '--out_dir', str(tmp_path / 'o'), '--device', 'cpu'])
     run = common.Run(ns, 'test', lock=False)
     mae = M.build_mae(M.make_config('vit_lite', img_size=32, patch_size=8, loss_on_all=True))
-    obj = pretrain.make_objective(mae, ns)
+    obj = M.MAEObjective(mae, pretrain.load_critic(ns), ns.alpha, ns.critic_sigmoid, ns.weighting)
     split = data.load_split('demo', 'train')
     loader = data.DeviceLoader(split, batch_size=32, device=torch.device('cpu'), img_size=32)
     pretrain.calibrate(obj, loader, ns, run)
