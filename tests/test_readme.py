@@ -89,3 +89,29 @@ def test_reproduce_quick_runs_the_whole_path_and_skips_finished_steps(tmp_path):
     again = subprocess.run(['bash', os.path.join(ROOT, 'reproduce.sh'), 'quick'], env=env, capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count('done, skipped') == len(steps)
+
+
+def test_shared_names_table_says_which_script_has_which():
+    """The README's table of shared config names: a ✓ means the script has every name of the row, named names (or
+    'betas') mean just those, an empty cell means none of them."""
+    import bench
+    import dino
+    import evaluate
+    section = README.split('Names that several scripts share mean the same in each:', 1)[1].split('\n## ', 1)[0]
+    header = [c.strip() for c in section.strip().splitlines()[0].strip('|').split('|')]
+    scripts = {'pretrain': pretrain, 'finetune': finetune, 'probe': probe, 'dino': dino, 'evaluate': evaluate,
+               'bench': bench}
+    rows = [line for line in section.strip().splitlines()[2:] if line.startswith('|')]
+    assert len(rows) >= 15
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        names = re.findall(r'`([a-z_0-9]+)`', cells[0])
+        for column, cell in zip(header[2:], cells[2:]):
+            has = set(common.defaults(vars(scripts[column])))
+            if cell.startswith('✓'):
+                expected = set(names)
+            elif cell == 'betas':
+                expected = {'beta1', 'beta2'}
+            else:
+                expected = set(re.findall(r'`([a-z_0-9]+)`', cell.split('(')[0])) & set(names)
+            assert set(names) & has == expected, f"{column}: row {names}, README says {expected}, script has {set(names) & has}"
