@@ -94,3 +94,17 @@ def test_every_config_value_has_a_rule(script):
     common.RULES, so that a zero, a negative, a NaN or an empty string is one line before anything runs."""
     for name, default in common.defaults(vars(script)).items():
         assert type(default) is bool or name in common.RULES or name in common.FREE_TEXT, f"--{name} has no rule"
+
+
+def test_the_loops_free_gradients_after_each_step(tiny, monkeypatch):
+    """What CUDA graphs rely on with one micro-batch: gradients are set to None after every optimizer step, so each
+    replay's backward writes fresh gradient memory and nothing accumulates into memory the graph pool reuses."""
+    import torch
+    calls, real = [], torch.optim.Optimizer.zero_grad
+
+    def zero_grad(self, set_to_none=True):
+        calls.append(set_to_none)
+        return real(self, set_to_none)
+    monkeypatch.setattr(torch.optim.Optimizer, 'zero_grad', zero_grad)
+    assert pretrain.main(tiny('--bench_steps', 3, '--bench_warmup', 0))['images_per_s'] > 0
+    assert calls == [True] * 3
