@@ -140,3 +140,13 @@ def test_benchmark_mode_times_the_loop_and_writes_nothing(tiny, tmp_path):
         result = pretrain.main(tiny('--bench_steps', 2, '--bench_warmup', warmup))
         assert result['images_per_s'] > 0 and result['step_ms'] > 0 and result['batch_size'] == 32
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_default_warmup_longer_than_the_run_is_clipped_with_a_line(tmp_path, capsys):
+    argv = ['--dataset', 'demo', '--img_size', '32', '--patch_size', '8', '--subset', '64', '--batch_size', '32',
+            '--epochs', '2', '--val_images', '32', '--out_dir', str(tmp_path / 'run')]  # warmup_epochs: the recipe's 20
+    assert pretrain.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warmup: the recipe's 20 warm-up epochs do not fit in 2 epochs; warming up over the first" in out
+    lrs = [r['lr'] for r in records(tmp_path / 'run', 'train')]
+    assert max(lrs) > 0.9 * 5e-4 * 32 / 128, "the lr never reached its peak"
