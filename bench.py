@@ -47,7 +47,8 @@ smae = True                 # also time the SMAE step (alpha 0.5, a SqueezeNet c
 finetune = True             # also time finetune.py's step (RandAugment + mixup/cutmix) and the loader alone, at the first batch size
 peer = True                 # also time transformers' ViTMAEForPreTraining (if installed)
 process_timeout = 600       # seconds one configuration may take (compilation included) before it is given up
-only = ''                   # internal: 'peer' or 'loader' times that one measurement in this process (bench.py runs itself)
+only = ''                   # 'profile': torch.profiler's table of the MAE step at the first batch size into out_dir/profile.txt;
+                            # 'peer', 'loader': time that one thing in this process (how bench.py runs itself)
 out_dir = 'out/bench'       # bench.json goes here
 # -----------------------------------------------------------------------------
 
@@ -136,6 +137,8 @@ def loader_rate(cfg, batch, run):
 
 def main(argv=None):
     cfg, _ = common.configure(globals(), argv)
+    if cfg.only == 'profile':
+        return profile(cfg)
     if cfg.only:  # one measurement, in this fresh process
         cfg.out_dir = tempfile.mkdtemp()
         with common.Run(cfg, 'bench', lock=False, training=False) as run:
@@ -206,6 +209,27 @@ def table(results):
                      f"{f(r.get('loader_over_finetune'), '.1f', 'x')} | {f((r.get('peer') or {}).get('images_per_s'), ',.0f')} | "
                      f"{f(r.get('ratio_vs_peer'), '.2f', 'x')} |")
     return "\n".join(lines)
+
+
+def profile(cfg):
+    """Where the time of pretrain.py's real step goes: its benchmark mode under torch.profiler, the operators and
+    kernels ranked by their own device time (CPU time without a GPU), written to <out_dir>/profile.txt."""
+    import pretrain
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    args = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
+            '--dtype', cfg.dtype, '--compile', str(cfg.compile), '--compile_mode', cfg.compile_mode, '--img_size',
+            str(cfg.img_size), '--patch_size', str(cfg.patch_size), '--mask', str(cfg.mask), '--batch_size',
+            cfg.batch_sizes.split(',')[0], '--bench_steps', str(cfg.steps), '--bench_warmup', str(cfg.warmup)]
+    cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:  # (the warm-up steps, compilation included, are in it too)
+        result = pretrain.main(args)
+    table = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=40)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    common.save_atomic(f"{result['label']} batch {result['batch_size']}: {result['images_per_s']:,.0f} images/s\n\n{table}\n",
+                       os.path.join(cfg.out_dir, 'profile.txt'))
+    print(table)
+    return 0
 
 
 def critic_checkpoint(path):

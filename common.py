@@ -98,7 +98,7 @@ RULES = {
     'knn_k': AT_LEAST_1, 'knn_temperature': POSITIVE,
     'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'process_timeout': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
     'batch_sizes': (lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')), 'integers >= 1, comma-separated'),
-    'only': _choice(('peer', 'loader')), 'weight_decay_end': (_finite(0), 'a finite number >= 0'),
+    'only': _choice(('profile', 'peer', 'loader')), 'weight_decay_end': (_finite(0), 'a finite number >= 0'),
     'momentum_teacher': UNIT_CLOSED, 'center_momentum': UNIT_CLOSED, 'teacher_temp': POSITIVE,
     'warmup_teacher_temp': POSITIVE, 'student_temp': POSITIVE, 'warmup_teacher_temp_epochs': AT_LEAST_0,
     'freeze_last_layer': AT_LEAST_0, 'out_dim': AT_LEAST_1, 'head_hidden': AT_LEAST_1, 'head_bottleneck': AT_LEAST_1,

@@ -2,9 +2,10 @@
 # The prepared GPU check: one command, about 8 minutes at most on one H100/H200. Every result lands in OUT_DIR as it
 # comes, so a check cut short still leaves what it measured:
 #   env.json      the GPU, torch and CUDA versions
-#   tests.jsonl   one line per CUDA test of tests/test_gpu.py (each under a 120 s timeout); tests.txt is pytest's output
+#   tests.jsonl   one line per CUDA test of tests/test_gpu.py (each under a 120 s timeout, 180 s in all); tests.txt is pytest's output
 #   bench.json    bench.py's figures, rewritten after every configuration (each timed in a fresh process);
 #                 bench.txt is its output (the Markdown table at the end)
+#   profile.txt   torch.profiler's table of the MAE step at batch 128 (profile.log: its output)
 #
 #   ./gpu_check.sh OUT_DIR
 set -u
@@ -20,7 +21,9 @@ json.dump(dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, python
 print('gpu check on', gpu, 'torch', torch.__version__)
 PY
 # 1. the CUDA tests (tests/conftest.py writes a line per test to $GPU_CHECK_OUT/tests.jsonl as it finishes)
-GPU_CHECK_OUT="$OUT" timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
+GPU_CHECK_OUT="$OUT" timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.txt"
 # 2. the benchmark: MAE at batch 128 and 1024; SMAE, fine-tuning and the loader at 128; transformers' ViTMAE at both
-timeout 270 python3 bench.py --out_dir "$OUT" --batch_sizes 128,1024 --steps 50 --warmup 20 --process_timeout 90 2>&1 | tee "$OUT/bench.txt"
+timeout 240 python3 bench.py --out_dir "$OUT" --batch_sizes 128,1024 --steps 50 --warmup 20 --process_timeout 80 2>&1 | tee "$OUT/bench.txt"
+# 3. where the MAE step's time goes at batch 128: torch.profiler's operators and kernels by device time
+timeout 60 python3 bench.py --out_dir "$OUT" --only profile --batch_sizes 128 --steps 20 --warmup 10 > "$OUT/profile.log" 2>&1
 echo "gpu check done: $OUT"
