@@ -57,8 +57,8 @@ def measure(script, args, timeout):
     """Run `python script args` in a fresh process and return the figures of its BENCH_JSON line (None on failure,
     with the reason printed: one configuration failing does not lose the others)."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)] + [str(a) for a in args]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:  # the child dies with this process, whatever ends it (a timeout, a signal)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=common.die_with_parent)
     except subprocess.TimeoutExpired:
         print(f"  {script} {' '.join(map(str, args))}: timed out after {timeout}s")
         return None

@@ -4,6 +4,7 @@ Plumbing the scripts would otherwise copy: the config override and its rules, on
 formulas (lr schedule, parameter groups, peak FLOPs). The training loops themselves live in their scripts.
 """
 import contextlib
+import ctypes
 import difflib
 import fcntl
 import json
@@ -305,6 +306,13 @@ def unlock_out_dir(fd, out_dir):
     with contextlib.suppress(OSError):
         os.remove(os.path.join(out_dir, '.lock'))
     os.close(fd)  # releases the flock
+
+
+def die_with_parent():
+    """Run in a child process (a pool worker, a subprocess before it starts): the kernel sends it SIGKILL when its
+    parent ends, however the parent ends (PR_SET_PDEATHSIG; Linux), so no script leaves orphans behind."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def compile_mode(cfg, run):

@@ -562,6 +562,8 @@ def train(cfg, given, ck, mcfg, run):
                 if step == total_steps:
                     return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
                                                f"dino {cfg.model} {cfg.local_crops_number} local crops")
+                if run.stop_signal:  # a benchmark has nothing to save
+                    return 128 + run.stop_signal
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping

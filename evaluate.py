@@ -17,7 +17,6 @@ Writes <out_dir>/eval.json, eval.md (the table, also printed) and recon.png; out
 """
 import collections
 import contextlib
-import ctypes
 import io
 import json
 import math
@@ -106,11 +105,9 @@ def _metrics_chunk(preds, target):
     return {kind: tuple(m.sum() for m in image_metrics(p, target)) for kind, p in preds.items()}
 
 
-def _die_with_parent():
-    """Pool worker initialiser: the kernel ends the worker when the evaluation process dies, whatever kills it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the parent's to handle
+def _pool_worker_init():
+    common.die_with_parent()                      # the worker ends when the evaluation process does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +194,7 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
     noise_all = mae.masking_noise(len(split.labels), mask_ratio, masking_kind, generator=g, device=device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     n_workers = cfg.workers or max(1, min(cores, 16) - 1)  # one core left for this process
-    pool = (multiprocessing.get_context('spawn').Pool(n_workers, initializer=_die_with_parent)  # spawn: CUDA-safe
+    pool = (multiprocessing.get_context('spawn').Pool(n_workers, initializer=_pool_worker_init)  # spawn: CUDA-safe
             if n_workers > 1 else None)
     pending, progress = collections.deque(), common.Progress('reconstruction metrics', len(split.labels), run)
     sums = {kind: dict(psnr=0.0, ssim=0.0, lpips=0.0) for kind in KINDS}

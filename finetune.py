@@ -295,6 +295,8 @@ def train(cfg, given, ck, pre, run):
                     return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
                                                f"finetune {cfg.arch if cfg.arch == 'squeezenet' else cfg.model} {img_size}px "
                                                f"augment {cfg.augment} mixup {cfg.mixup} cutmix {cfg.cutmix}")
+                if run.stop_signal:  # a benchmark has nothing to save
+                    return 128 + run.stop_signal
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping

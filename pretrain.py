@@ -277,6 +277,8 @@ def train(cfg, given, ck, mcfg, critic, run):
                 if step == total_steps:
                     return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
                                                f"pretrain {cfg.model} mask {cfg.mask} {cfg.masking} alpha {cfg.alpha}")
+                if run.stop_signal:  # a benchmark has nothing to save
+                    return 128 + run.stop_signal
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping

@@ -150,3 +150,15 @@ def test_a_default_warmup_longer_than_the_run_is_clipped_with_a_line(tmp_path, c
     assert "warmup: the recipe's 20 warm-up epochs do not fit in 2 epochs; warming up over the first" in out
     lrs = [r['lr'] for r in records(tmp_path / 'run', 'train')]
     assert max(lrs) > 0.9 * 5e-4 * 32 / 128, "the lr never reached its peak"
+
+
+def test_benchmark_mode_stops_on_a_signal(tiny, monkeypatch):
+    import signal
+    real_enter = common.Run.__enter__
+
+    def signalled(self):  # as if SIGTERM (a timeout, a scheduler) arrived as the benchmark started
+        real_enter(self)
+        self._on_signal(signal.SIGTERM, None)
+        return self
+    monkeypatch.setattr(common.Run, '__enter__', signalled)
+    assert pretrain.main(tiny('--bench_steps', 1000, '--bench_warmup', 1)) == 128 + signal.SIGTERM
