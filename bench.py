@@ -24,10 +24,12 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.profiler import ProfilerActivity, profile as torch_profile
 
 import common
 import data
 import model as M
+import pretrain
 
 # -----------------------------------------------------------------------------
 batch_sizes = '128,1024'    # comma-separated global batch sizes to time
@@ -214,8 +216,6 @@ def table(results):
 def profile(cfg):
     """Where the time of pretrain.py's real step goes: its benchmark mode under torch.profiler, the operators and
     kernels ranked by their own device time (CPU time without a GPU), written to <out_dir>/profile.txt."""
-    import pretrain
-    from torch.profiler import ProfilerActivity, profile as torch_profile
     args = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
             '--dtype', cfg.dtype, '--compile', str(cfg.compile), '--compile_mode', cfg.compile_mode, '--img_size',
             str(cfg.img_size), '--patch_size', str(cfg.patch_size), '--mask', str(cfg.mask), '--batch_size',
