@@ -10,6 +10,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -286,14 +287,16 @@ def lock_out_dir(out_dir, script):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        with contextlib.suppress(OSError):
+        try:
             holder = open(os.path.join(out_dir, '.lock')).read().strip()
-        raise UserError(f"out_dir {out_dir} is in use by {locals().get('holder') or 'another run'}: wait for it or "
-                        f"choose another --out_dir") from None
+        except OSError:
+            holder = ''
+        raise UserError(f"out_dir {out_dir} is in use by {holder or 'another run'}: wait for it or choose another "
+                        f"--out_dir") from None
     try:
         for name in os.listdir(out_dir):
-            if '.tmp.' in name:
-                os.remove(os.path.join(out_dir, name))  # a save killed half-way; its target file is intact
+            if re.search(r'\.tmp\.\d+(\.png)?$', name):  # what save_atomic and the pictures write: a save killed
+                os.remove(os.path.join(out_dir, name))    # half-way, whose target file is intact
         with open(os.path.join(out_dir, '.lock'), 'w') as f:
             f.write(f"{script} (pid {os.getpid()})")
     except OSError as e:
