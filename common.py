@@ -489,7 +489,7 @@ def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05):
     if cfg.warmup_epochs < cfg.epochs or 'warmup_epochs' in given:  # (a given one that is too long: refused by configure)
         return cfg.warmup_epochs * steps_per_epoch
     steps = round(fraction * cfg.epochs * steps_per_epoch)
-    run.print(f"warmup: the recipe's {cfg.warmup_epochs} warm-up epochs do not fit in {cfg.epochs} epochs; "
+    run.print(f"warmup: the recipe's {cfg.warmup_epochs} warm-up epochs do not fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}; "
               f"warming up over the first {steps} steps ({fraction:.0%} of the run) instead")
     return steps
 
