@@ -159,16 +159,12 @@ def main(argv=None):
     rows = {b: dict(batch=b) for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         critic = critic_checkpoint(os.path.join(tmp, 'critic.pt')) if cfg.smae else None
-        shared = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
-                  '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
-                  '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
-
         def loop(b):  # pretrain.py / finetune.py in benchmark mode
-            return shared + ['--batch_size', b, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup,
-                             '--out_dir', os.path.join(tmp, 'run')]
+            return loop_args(cfg, b) + ['--out_dir', os.path.join(tmp, 'run')]
 
         def alone(b, what):  # this script, timing one thing
-            return shared + ['--batch_sizes', b, '--steps', cfg.steps, '--warmup', cfg.warmup, '--mask', cfg.mask, '--only', what]
+            return shared_args(cfg) + ['--batch_sizes', b, '--steps', cfg.steps, '--warmup', cfg.warmup, '--mask',
+                                       cfg.mask, '--only', what]
         # the most wanted figures first, so a run cut short still has them; the extras at the first batch size
         jobs = [job for b in batches for job in [(b, 'mae', 'pretrain.py', loop(b) + ['--mask', cfg.mask])]
                 + ([(b, 'peer', 'bench.py', alone(b, 'peer'))] if cfg.peer else [])]
@@ -213,13 +209,22 @@ def table(results):
     return "\n".join(lines)
 
 
+def shared_args(cfg):
+    """The settings every timed process shares with this one."""
+    return ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
+            '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
+            '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
+
+
+def loop_args(cfg, batch):
+    """pretrain.py's / finetune.py's benchmark mode at this batch size."""
+    return shared_args(cfg) + ['--batch_size', batch, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup]
+
+
 def profile(cfg):
     """Where the time of pretrain.py's real step goes: its benchmark mode under torch.profiler, the operators and
     kernels ranked by their own device time (CPU time without a GPU), written to <out_dir>/profile.txt."""
-    args = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
-            '--dtype', cfg.dtype, '--compile', str(cfg.compile), '--compile_mode', cfg.compile_mode, '--img_size',
-            str(cfg.img_size), '--patch_size', str(cfg.patch_size), '--mask', str(cfg.mask), '--batch_size',
-            cfg.batch_sizes.split(',')[0], '--bench_steps', str(cfg.steps), '--bench_warmup', str(cfg.warmup)]
+    args = [str(a) for a in loop_args(cfg, cfg.batch_sizes.split(',')[0]) + ['--mask', cfg.mask]]
     cuda = torch.cuda.is_available() and cfg.device != 'cpu'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:  # (the warm-up steps, compilation included, are in it too)

@@ -380,6 +380,15 @@ def model_config(ck, path, **overrides):
                         f"toolkit's pretrain.py or dino.py") from None
 
 
+def preset_config(cfg, **fields):
+    """The ViTConfig of --model with --img_size / --patch_size (0 = the preset's) and `fields`; a setting the model
+    refuses (e.g. a mask ratio that leaves no visible patch on this grid) is a one-line UserError."""
+    try:
+        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None, **fields)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **overrides):
     """A ViT classifier (a bare encoder when num_classes=0) from a pretrain.py or dino.py checkpoint: architecture
     and encoder weights from the checkpoint, a fresh head. overrides: ViTConfig fields such as drop_path,

@@ -403,18 +403,11 @@ def flops_per_image(dino, img_size, local_size, n_local, device):
 # -----------------------------------------------------------------------------
 
 
-def model_config(cfg):
-    try:
-        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None)
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
-
-
 def main(argv=None):
     # config, resume and the model's checks before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
     ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'dino', FIXED_ON_RESUME)
-    mcfg = model_config(cfg)
+    mcfg = common.preset_config(cfg)
     with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
         return train(cfg, given, ck, mcfg, run)
 

@@ -114,16 +114,9 @@ def build(cfg, given, num_classes, ck, pre=None):
                                        drop_path=cfg.drop_path, global_pool=cfg.global_pool)
         cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually used
         return net, asdict(net.cfg), f"encoder of {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)"
-    net = M.build_classifier(preset_config(cfg), num_classes)
+    net = M.build_classifier(common.preset_config(cfg, drop_path=cfg.drop_path, global_pool=cfg.global_pool),
+                             num_classes)
     return net, asdict(net.cfg), 'random (supervised from scratch)'
-
-
-def preset_config(cfg):
-    try:
-        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
-                             drop_path=cfg.drop_path, global_pool=cfg.global_pool)
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
 
 
 def layer_id(name, depth):
@@ -171,7 +164,7 @@ def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
     ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'finetune', FIXED_ON_RESUME)
     if cfg.arch == 'vit' and not cfg.ckpt:
-        preset_config(cfg)
+        common.preset_config(cfg, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
     # the pre-training checkpoint (--ckpt), read once here and reused by build()
     pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt and ck is None else None
     with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:

@@ -131,20 +131,13 @@ def calibrate(objective, loader, cfg, run):
             f"SMAE calibration: c = {c:.4g} (pixel / perceptual loss over {len(ratios)} batches)")
 
 
-def model_config(cfg):
-    try:
-        return M.make_config(cfg.model, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
-                             norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
-                             loss_on_all=cfg.alpha > 0)
-    except ValueError as e:  # e.g. a mask ratio that leaves no visible patch on this grid
-        raise common.UserError(str(e)) from None
-
-
 def main(argv=None):
     # config, resume and every check (model, critic) before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
     ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'pretrain', FIXED_ON_RESUME)
-    mcfg, critic = model_config(cfg), load_critic(cfg)
+    mcfg = common.preset_config(cfg, norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
+                                loss_on_all=cfg.alpha > 0)
+    critic = load_critic(cfg)
     with common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0) as run:
         return train(cfg, given, ck, mcfg, critic, run)
 

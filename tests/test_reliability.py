@@ -77,18 +77,19 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tiny, tmp_path,
     assert same_weights(straight, weights(killed))
 
 
-def test_sigterm_saves_mid_epoch_and_resume_matches(tiny, tmp_path, straight):
-    args = RUN
-    out = tmp_path / 'term'
-    proc = start('pretrain.py', tiny(*args, out='term'))
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['sigterm', 'ctrl_c'])
+def test_a_stop_signal_saves_mid_epoch_prints_the_resume_command_and_resume_matches(sig, tiny, tmp_path, straight):
+    """SIGTERM (pre-emption) and Ctrl-C save a checkpoint where the run is, exit 128 + signal, and say how to go on."""
+    out = tmp_path / 'stopped'
+    proc = start('pretrain.py', tiny(*RUN, out='stopped'))
     wait_for_log(out, lambda r: r['event'] == 'train' and r['step'] >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert 'stopped by signal' in stdout and '--resume true' in stdout
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert 'stopped by signal' in stdout and f'--resume true --out_dir {out}' in stdout
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
     assert 3 <= ck['step'] < 24
-    assert pretrain.main(tiny('--resume', 'true', out='term')) == 0
+    assert pretrain.main(tiny('--resume', 'true', out='stopped')) == 0
     assert same_weights(straight, weights(out))
 
 
@@ -359,18 +360,6 @@ def test_evaluation_of_another_checkpoint_is_never_replaced_row(pre, tmp_path, c
     assert sorted(os.listdir(out)) == ['eval.json']
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny, tmp_path, straight):
-    out = tmp_path / 'int'
-    proc = start('pretrain.py', tiny(*RUN, out='int'))
-    wait_for_log(out, lambda r: r['event'] == 'train' and r['step'] >= 3, proc)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
-    assert 'stopped by signal' in stdout and f'--resume true --out_dir {out}' in stdout
-    assert pretrain.main(tiny('--resume', 'true', out='int')) == 0
-    assert same_weights(straight, weights(out))
-
-
 def test_sigterm_to_evaluate_ends_its_worker_processes(pre, tmp_path):
     out = tmp_path / 'ev'
     proc = start('evaluate.py', [str(a) for a in ['--ckpt', pre, '--dataset', 'demo', '--workers', 2, '--feature_batch', 8,
@@ -405,3 +394,11 @@ def test_sigterm_to_bench_ends_the_run_it_is_timing(tmp_path):
     time.sleep(1)
     alive = [c for c in children if os.path.exists(f'/proc/{c}') and open(f'/proc/{c}/stat').read().split()[2] != 'Z']
     assert not alive, f"bench.py's child {alive} outlived it"
+
+
+def test_more_evaluation_workers_than_cores_row(pre, tmp_path, capsys, monkeypatch):
+    import evaluate
+    code, err = run_cli(evaluate.main, ['--ckpt', pre, '--workers', 10_000, '--out_dir', tmp_path / 'ev'], capsys,
+                        monkeypatch, script='evaluate.py')
+    one_line_error(code, err, f'--workers must be an integer from 0 to the {os.cpu_count()} CPU cores', 'got 10000')
+    assert not os.path.exists(tmp_path / 'ev')
