@@ -6,7 +6,6 @@ Training then keeps the whole split on the device and does shuffling, resizing, 
 there, with per-(seed, epoch, step) generators so that any step can be reproduced without stored RNG state.
 
     python data.py download tin --data_dir data
-    python data.py bench --dataset synthetic --batch_size 1024 --device cuda
 """
 import argparse
 import contextlib
@@ -15,7 +14,6 @@ import hashlib
 import http.client
 import math
 import os
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -77,9 +75,8 @@ def seed_for(*parts):
 
 def _missing(name, data_dir, what):
     a = ARCHIVES[name]
-    marker = os.path.join(data_dir, a['root'], a['marker'])
-    return DataError(f"{name}: {what}; pass --download true or unpack {a['archive']} into {data_dir}/ "
-                     f"so that {marker} exists")
+    return DataError(f"{name}: {what}; pass --download true or unpack {a['archive']} into {data_dir}/ so that "
+                     f"{os.path.join(data_dir, a['root'], a['marker'])} exists")
 
 
 def _read_rows(name, data_dir, root, rel, columns):
@@ -103,7 +100,7 @@ def _bad_files(root, bad, what):
 
 
 def _list_tin(data_dir, root, split):
-    """-> (relative image paths, labels, classes, annotation files). Label = index in wnids.txt."""
+    """-> (relative image paths, labels, classes, annotation files, no boxes). Label = index in wnids.txt."""
     wnids = [r[0] for r in _read_rows('tin', data_dir, root, 'wnids.txt', 1)]
     index = {w: i for i, w in enumerate(wnids)}
     files, labels = [], []
@@ -115,14 +112,14 @@ def _list_tin(data_dir, root, split):
             names = sorted(e.name for e in os.scandir(d) if e.name.lower().endswith(('.jpeg', '.jpg', '.png')))
             files += [f'train/{w}/images/{n}' for n in names]
             labels += [i] * len(names)
-        return files, labels, wnids, ['wnids.txt']
+        return files, labels, wnids, ['wnids.txt'], None
     ann = 'val/val_annotations.txt'
     rows = sorted(_read_rows('tin', data_dir, root, ann, 2))  # (file, wnid, x0, y0, x1, y1), sorted by file name
     unknown = sorted({r[1] for r in rows if r[1] not in index})
     if unknown:
         raise DataError(f"{os.path.join(root, ann)} names wnids missing from wnids.txt: {', '.join(unknown[:20])}; "
                         f"the dataset is inconsistent, re-download it with --download true")
-    return [f'val/images/{r[0]}' for r in rows], [index[r[1]] for r in rows], wnids, ['wnids.txt', ann]
+    return [f'val/images/{r[0]}' for r in rows], [index[r[1]] for r in rows], wnids, ['wnids.txt', ann], None
 
 
 def _list_cub(data_dir, root, split, bbox):
@@ -155,8 +152,7 @@ def _decode_image(path, box=None):
                           min(im.height, round(y + h))))
         w, h = im.size
         if (w, h) != (IMG, IMG):
-            s = min(w, h)
-            w, h = (IMG, int(IMG * h / w)) if w == s else (int(IMG * w / h), IMG)
+            w, h = (IMG, int(IMG * h / w)) if w <= h else (int(IMG * w / h), IMG)
             im = im.resize((w, h), Image.BILINEAR)  # PIL antialiases when downscaling
             left, top = int(round((w - IMG) / 2)), int(round((h - IMG) / 2))
             im = im.crop((left, top, left + IMG, top + IMG))
@@ -176,7 +172,7 @@ def _decode_all(root, files, boxes):
                 bad.append(f"{files[i]} ({type(e).__name__}: {' '.join(str(e).split())})")
         return bad
     chunks = [range(i, min(i + 256, len(files))) for i in range(0, len(files), 256)]
-    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         bad = [b for chunk_bad in pool.map(work, chunks) for b in chunk_bad]
     if bad:
         raise _bad_files(root, bad, 'unreadable')
@@ -190,10 +186,9 @@ def _signature(root, files, extra):
     for rel in files:
         try:
             st = os.stat(os.path.join(root, rel))
+            h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
         except OSError:
             missing.append(rel)
-            continue
-        h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
     if missing:
         raise _bad_files(root, missing, 'missing')
     return h.hexdigest()
@@ -203,11 +198,8 @@ def _load_disk_split(name, split, data_dir, bbox):
     root = os.path.join(data_dir, ARCHIVES[name]['root'])
     if not os.path.isdir(root):
         raise _missing(name, data_dir, f"dataset folder {root} not found")
-    if name == 'tin':
-        files, labels, classes, annotations = _list_tin(data_dir, root, split)
-        boxes = None
-    else:
-        files, labels, classes, annotations, boxes = _list_cub(data_dir, root, split, bbox)
+    listing = _list_tin(data_dir, root, split) if name == 'tin' else _list_cub(data_dir, root, split, bbox)
+    files, labels, classes, annotations, boxes = listing
     if not files:
         raise _missing(name, data_dir, f"no {split} images listed under {root}")
     signature = _signature(root, annotations + files, f'{name}|{split}|{boxes is not None}')
@@ -224,8 +216,7 @@ def _load_disk_split(name, split, data_dir, bbox):
     out = Split(_decode_all(root, files, boxes), torch.tensor(labels, dtype=torch.int64), list(classes))
     tmp = f"{cache}.tmp.{os.getpid()}"  # written whole, then renamed: never a half-written cache
     try:
-        torch.save(dict(version=CACHE_VERSION, signature=signature, images=out.images, labels=out.labels,
-                        classes=out.classes), tmp)
+        torch.save(dict(version=CACHE_VERSION, signature=signature, **vars(out)), tmp)  # + images, labels, classes
         os.replace(tmp, cache)
     except OSError as e:  # e.g. a read-only dataset folder or a full disk: work without the cache
         print(f'warning: could not write {cache}: {e}', file=sys.stderr)
@@ -268,8 +259,7 @@ def _demo_photos():
 def _demo_parts(img):
     """Split a photo along its long side into disjoint (train, val) parts, which are then resized separately,
     so no val crop shares (or even blends in) a source pixel of a train crop."""
-    h, w = img.shape[:2]
-    axis = 0 if h > w else 1
+    axis = 0 if img.shape[0] > img.shape[1] else 1
     cut = round(img.shape[axis] * (1 - DEMO_VAL_FRACTION))
     return (img[:cut], img[cut:]) if axis == 0 else (img[:, :cut], img[:, cut:])
 
@@ -279,13 +269,11 @@ def _demo(split):
     crops, labels = [], []
     for label, img in enumerate(photos.values()):
         part = _demo_parts(img)[split == 'val']
-        along_split = 0 if img.shape[0] > img.shape[1] else 1
+        ny, nx = DEMO_GRID[split] if img.shape[0] > img.shape[1] else DEMO_GRID[split][::-1]  # as (y, x)
         for short in DEMO_SCALES:
             f = short / min(img.shape[:2])
             h, w = round(part.shape[0] * f), round(part.shape[1] * f)
             p = np.asarray(Image.fromarray(part).resize((w, h), Image.BILINEAR))
-            n_along, n_across = DEMO_GRID[split]
-            ny, nx = (n_along, n_across) if along_split == 0 else (n_across, n_along)
             for y in np.linspace(0, h - IMG, ny).round().astype(int):
                 for x in np.linspace(0, w - IMG, nx).round().astype(int):
                     crops.append(p[y:y + IMG, x:x + IMG])
@@ -315,8 +303,7 @@ def load_split(name, split, data_dir='data', download=False, cub_bbox=False):
         return _demo(split)
     if name == 'synthetic':
         return _synthetic(split)
-    a = ARCHIVES[name]
-    if download and not os.path.isdir(os.path.join(data_dir, a['root'])):
+    if download and not os.path.isdir(os.path.join(data_dir, ARCHIVES[name]['root'])):
         _fetch(name, data_dir)
     return _load_disk_split(name, split, data_dir, cub_bbox and name == 'cub')
 
@@ -336,8 +323,8 @@ def _safe_extract(archive, dest):
     """Extract a zip or tar(.gz) into dest, refusing the whole archive if any member or link would land outside."""
     dest = os.path.realpath(dest)
 
-    def inside(path):
-        p = os.path.realpath(path)
+    def inside(*path):  # path relative to dest
+        p = os.path.realpath(os.path.join(dest, *path))
         return p == dest or p.startswith(dest + os.sep)
 
     def refuse(member, why):
@@ -345,7 +332,7 @@ def _safe_extract(archive, dest):
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             for info in z.infolist():  # zipfile writes symlink members as plain files, so only paths matter
-                if not inside(os.path.join(dest, info.filename)):
+                if not inside(info.filename):
                     refuse(info.filename, f'would be written outside {dest}')
             z.extractall(dest)
         return
@@ -355,19 +342,16 @@ def _safe_extract(archive, dest):
         raise DataError(f"{archive} is neither a zip nor a tar archive ({e}); delete it and download again") from None
     with tf:
         for m in tf.getmembers():
-            if not inside(os.path.join(dest, m.name)):
+            if not inside(m.name):
                 refuse(m.name, f'would be written outside {dest}')
-            if m.issym() and (os.path.isabs(m.linkname) or
-                              not inside(os.path.join(dest, os.path.dirname(m.name), m.linkname))):
+            if m.issym() and (os.path.isabs(m.linkname) or not inside(os.path.dirname(m.name), m.linkname)):
                 refuse(m.name, f'is a link to {m.linkname!r} outside {dest}')
-            if m.islnk() and not inside(os.path.join(dest, m.linkname)):
+            if m.islnk() and not inside(m.linkname):
                 refuse(m.name, f'is a hard link to {m.linkname!r} outside {dest}')
             if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
                 refuse(m.name, 'is a device or fifo')
-        if hasattr(tarfile, 'data_filter'):  # Python >= 3.11.4: the stdlib's own checks on top of ours
-            tf.extractall(dest, filter='data')
-        else:
-            tf.extractall(dest)
+        # Python >= 3.11.4 has the 'data' filter: the stdlib's own checks on top of ours
+        tf.extractall(dest, **({'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}))
 
 
 def download(name, data_dir, url=None, md5=None):
@@ -385,7 +369,6 @@ def download(name, data_dir, url=None, md5=None):
         fd, archive = tempfile.mkstemp(dir=data_dir, prefix=f".{a['archive']}.", suffix='.part')
     except OSError as e:  # a file where the folder should be, a read-only folder
         raise DataError(f"cannot download into {data_dir} ({e.strerror}): choose a writable --data_dir") from None
-    extract_dir = None
     try:
         print(f'downloading {url} ...')
         digest = hashlib.md5()
@@ -402,16 +385,14 @@ def download(name, data_dir, url=None, md5=None):
         if digest.hexdigest() != md5:
             raise DataError(f"checksum mismatch for {url}: expected md5 {md5}, got {digest.hexdigest()}; "
                             f"the download is corrupt or not the official {a['archive']}, try again")
-        extract_dir = tempfile.mkdtemp(dir=data_dir, prefix='.extract_')
-        _safe_extract(archive, extract_dir)
-        if not os.path.isfile(os.path.join(extract_dir, a['root'], a['marker'])):
-            raise DataError(f"{url} does not contain {a['root']}/{a['marker']}; it is not the {name} archive")
-        os.replace(os.path.join(extract_dir, a['root']), root)  # appears all at once, never half-extracted
-        print(f'{name} is ready in {root}')
+        with tempfile.TemporaryDirectory(dir=data_dir, prefix='.extract_', ignore_cleanup_errors=True) as extract_dir:
+            _safe_extract(archive, extract_dir)
+            if not os.path.isfile(os.path.join(extract_dir, a['root'], a['marker'])):
+                raise DataError(f"{url} does not contain {a['root']}/{a['marker']}; it is not the {name} archive")
+            os.replace(os.path.join(extract_dir, a['root']), root)  # appears all at once, never half-extracted
+            print(f'{name} is ready in {root}')
     finally:
         os.remove(archive)
-        if extract_dir is not None:
-            shutil.rmtree(extract_dir, ignore_errors=True)
 
 
 _fetch = download  # load_split's `download` flag shadows the function's name
@@ -425,9 +406,7 @@ def _mean_std(device):
     # built once per device, so normalize() never copies from the host; built outside inference mode even when
     # first called inside it, because inference tensors can't be saved for backward (denormalize in a loss)
     with torch.inference_mode(False):
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-    return mean, std
+        return tuple(torch.tensor(v, device=device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize(x):
@@ -444,7 +423,6 @@ def denormalize(x):
 
 
 def _resize(x, size):
-    """float (N, 3, H, W) -> (N, 3, size, size), bilinear, antialiased when shrinking."""
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=size < x.shape[-1])
@@ -459,9 +437,7 @@ def iterate_batches(images_uint8, labels, batch_size, device, img_size=64):
 
 
 def _generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class DeviceLoader:
@@ -500,10 +476,8 @@ class DeviceLoader:
     def epoch(self, epoch, start_step=0):
         """Yields (step, [(x, y)] * accum_steps) for step in range(start_step, steps_per_epoch)."""
         n, B = len(self.images), self.batch_size
-        if self.shuffle:
-            perm = torch.randperm(n, generator=_generator(self.device, seed_for(self.seed, epoch)), device=self.device)
-        else:
-            perm = torch.arange(n, device=self.device)
+        perm = (torch.randperm(n, generator=_generator(self.device, seed_for(self.seed, epoch)), device=self.device)
+                if self.shuffle else torch.arange(n, device=self.device))
         for step in range(start_step, self.steps_per_epoch):
             batch = perm[step * B:(step + 1) * B]  # the global batch, identical on every rank
             micro_batches = []
@@ -511,8 +485,7 @@ class DeviceLoader:
                 idx = batch[self.rows(micro)]
                 x = _resize(self.images[idx].float() / 255, self.img_size)  # (mb, 3, img_size, img_size) in [0, 1]
                 if self.augment is not None:
-                    g = _generator(self.device, seed_for(self.seed, epoch, step, self.rank, micro))
-                    x = self.augment(x, g)
+                    x = self.augment(x, _generator(self.device, seed_for(self.seed, epoch, step, self.rank, micro)))
                 micro_batches.append((normalize(x), self.labels[idx]))
             yield step, micro_batches
 
@@ -559,35 +532,20 @@ def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=Non
     return _warp(x, theta, 'border')
 
 
-def random_hflip(x, p=0.5, generator=None):
-    flip = _rand(len(x), x, generator) < p
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-
-
 def _gray(x):  # (N, 1, H, W), ITU-R 601-2 luma as in torchvision
     return (x * _const(x.device, (0.2989, 0.587, 0.114)).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-def _blend(img, other, factor):  # factor (N, 1, 1, 1): 1 = img, 0 = other
-    return (factor * img + (1 - factor) * other).clamp(0, 1)
-
-
 def _smooth_delta(x):
     """PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13) minus x; 0 on the border, which PIL leaves alone."""
-    inner = x[..., 1:-1, 1:-1]
-    return F.pad((F.avg_pool2d(x, 3, stride=1) - inner) * (9 / 13), (1, 1, 1, 1))
-
-
-def _sharpness(x, factor):  # blend with the smoothed image: factor * x + (1 - factor) * smooth
-    return (x + (1 - factor) * _smooth_delta(x)).clamp(0, 1)
+    return F.pad((F.avg_pool2d(x, 3, stride=1) - x[..., 1:-1, 1:-1]) * (9 / 13), (1, 1, 1, 1))
 
 # The level ops (equalize, autocontrast, posterize, solarize) are per-channel look-up tables on 256 levels, as in
 # PIL (the usual input of torchvision's RandAugment), so that a batch applies whichever each sample drew in one gather.
 
 
 def _levels(x):  # float (N, C, H, W) in [0, 1] -> int64 (N, C, H*W) on 256 levels, as a uint8 image
-    N, C, H, W = x.shape
-    return (x * 255).round().long().reshape(N, C, H * W)
+    return (x * 255).round().long().flatten(2)
 
 
 def _apply_lut(lut, q, shape):  # lut (N, C or 1, 256), q (N, C, H*W) levels -> float `shape` (N, C, H, W)
@@ -607,17 +565,6 @@ def _autocontrast_lut(lo, hi):
     levels = torch.arange(256, device=lo.device)
     lut = ((levels - lo) * 255 // (hi - lo).clamp(min=1)).clamp(0, 255)  # exact integers, truncated like PIL
     return torch.where(hi > lo, lut, levels)  # constant channels stay as they are
-
-
-def _autocontrast(x):
-    q = _levels(x)
-    lo, hi = q.aminmax(dim=2, keepdim=True)
-    return _apply_lut(_autocontrast_lut(lo, hi), q, x.shape)
-
-
-def _equalize(x):
-    q = _levels(x)
-    return _apply_lut(_equalize_lut(q, q.amax(2, keepdim=True)), q, x.shape)
 
 
 RA_OPS = ('identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize', 'contrast',

@@ -388,8 +388,7 @@ def photo_batch(n=16):
     return (data.load_split('demo', 'train').images[100:101].float() / 255).expand(n, 3, 64, 64).contiguous()
 
 
-AUGMENTATIONS = [data.random_resized_crop, data.random_hflip, data.rand_augment, data.pretrain_augment,
-                 data.finetune_augment]
+AUGMENTATIONS = [data.random_resized_crop, data.rand_augment, data.pretrain_augment, data.finetune_augment]
 
 
 @pytest.mark.parametrize('fn', AUGMENTATIONS, ids=lambda f: f.__name__)
@@ -420,26 +419,33 @@ def test_identity_warp_is_exact():
 
 
 def test_colour_ops_match_pil():
+    # RandAugment's colour ops from data.py's pieces: f x + (1 - f) other (clamped) and the level look-up tables
     img = data.load_split('demo', 'train').images[::97][:8]  # crops of different photos
     x, f = img.float() / 255, torch.full((8, 1, 1, 1), 1.8)
+    blend = lambda other: (f * x + (1 - f) * other).clamp(0, 1)
+    q = data._levels(x)
+    lo, hi = q.aminmax(dim=2, keepdim=True)
 
     def pil(fn):
         out = [np.array(fn(Image.fromarray(i.permute(1, 2, 0).numpy()))) for i in img]
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
-    pairs = [(data._sharpness(x, f), pil(lambda im: ImageEnhance.Sharpness(im).enhance(1.8))),
-             (data._blend(x, data._gray(x).mean((1, 2, 3), keepdim=True), f),
-              pil(lambda im: ImageEnhance.Contrast(im).enhance(1.8))),
-             (data._blend(x, data._gray(x), f), pil(lambda im: ImageEnhance.Color(im).enhance(1.8))),
-             (data._autocontrast(x), pil(ImageOps.autocontrast)),
-             (data._equalize(x), pil(ImageOps.equalize))]
+    enhance = lambda op: pil(lambda im: op(im).enhance(1.8))
+    pairs = [((x + (1 - f) * data._smooth_delta(x)).clamp(0, 1), enhance(ImageEnhance.Sharpness)),  # smoothed x
+             (blend(data._gray(x).mean((1, 2, 3), keepdim=True)), enhance(ImageEnhance.Contrast)),
+             (blend(data._gray(x)), enhance(ImageEnhance.Color)),
+             (data._apply_lut(data._autocontrast_lut(lo, hi), q, x.shape), pil(ImageOps.autocontrast)),
+             (data._apply_lut(data._equalize_lut(q, hi), q, x.shape), pil(ImageOps.equalize))]
     for ours, ref in pairs:  # PIL rounds to uint8 along the way
         assert (ours - ref).abs().max() <= 1.5 / 255
 
 
-def test_random_resized_crop_full_scale_is_identity():
+def test_random_resized_crop_full_scale_is_identity_or_mirror():
     x = photo_batch(4)
     out = data.random_resized_crop(x, scale=(1, 1), ratio=(1, 1), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, x, atol=1e-5)
+    flipped = data.random_resized_crop(x, scale=(1, 1), ratio=(1, 1), generator=torch.Generator().manual_seed(0),
+                                       hflip=1.0)  # always mirrored, in the same resampling
+    assert torch.allclose(flipped, x.flip(3), atol=1e-5)
 
 
 def test_mixup_cutmix():
