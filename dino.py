@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -126,20 +125,17 @@ U_SIZES = (2 * CROP_TRIES + 3, 9, 1, 2, 1)  # uniforms per view: crop, colour ji
 
 
 def random_resized_crop(x, u, size, scale):
-    """torchvision's RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip from uniforms u (N, 23): the
-    first of CROP_TRIES boxes that fits, else the whole image, resampled to size x size (as data.random_resized_crop,
-    with the draws given). x (N, 3, H, W) in [0, 1] -> (N, 3, size, size) in [0, 1]."""
-    N, _, H, W = x.shape
-    t = CROP_TRIES
+    """torchvision's RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip from uniforms u (N, 23), as
+    data.random_resized_crop with the draws given: the first of CROP_TRIES boxes that fits, else the whole image.
+    x (N, 3, H, W) in [0, 1] -> (N, 3, size, size) in [0, 1]."""
+    (N, _, H, W), t = x.shape, CROP_TRIES
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :t])  # (N, tries) in pixels
     lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     r = (lo + (hi - lo) * u[:, t:2 * t]).exp()
     w, h = (area * r).sqrt(), (area / r).sqrt()
     ok = (w <= W) & (h <= H)
-    first = ok.byte().argmax(1, keepdim=True)  # the first try that fits
-    fits = ok.any(1)
-    sw = torch.where(fits, w.gather(1, first)[:, 0] / W, 1.0)  # crop size as a fraction of the image, (N,)
-    sh = torch.where(fits, h.gather(1, first)[:, 0] / H, 1.0)
+    first, fits = ok.byte().argmax(1, keepdim=True), ok.any(1)  # the first try that fits, if any
+    sw, sh = (torch.where(fits, v.gather(1, first)[:, 0] / side, 1.0) for v, side in ((w, W), (h, H)))  # crop / image
     cx, cy, flip = (2 * u[:, 2 * t:] - 1).unbind(1)  # each (N,) in [-1, 1]
     sx = torch.where(flip < 0, -sw, sw)  # mirrored with probability 0.5: a negative x scale
     zero = torch.zeros_like(sw)
@@ -151,14 +147,12 @@ def random_resized_crop(x, u, size, scale):
 def colour_jitter(x, u, gray, yiq, yiq_inv):
     """torchvision's RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) from uniforms u (N, 9): apply, four factors,
     four keys whose argsort is the sample's order of the ops. Each op is an affine map of the colours (a 3x3 matrix
-    per sample, plus an offset for contrast), so a round is one batched matmul whatever op each sample does; the
-    result is clamped after every op, as torchvision does. Brightness, contrast and saturation are torchvision's
-    formulas; hue is a rotation by 2 pi h of the (I, Q) chroma plane in YIQ space, in the direction of torchvision's
-    HSV hue shift (red turns to yellow for h > 0) but keeping the luma where torchvision keeps HSV value and
-    saturation: the hues turn alike, the pixels differ (an HSV shift is not an affine map of the colours). A sample
-    that does not jitter gets identity matrices, so its image is unchanged to the bit."""
-    N = len(x)
-    apply = u[:, 0] < JITTER_P
+    per sample, plus an offset for contrast), so a round is one batched matmul whatever op each sample does, clamped
+    after it as torchvision does. Brightness, contrast and saturation are torchvision's formulas; hue rotates the
+    (I, Q) chroma plane of YIQ by 2 pi h, in the direction of torchvision's HSV hue shift (red turns to yellow for
+    h > 0) but keeping the luma where torchvision keeps HSV value and saturation: the hues turn alike, the pixels
+    differ (an HSV shift is not affine). A sample that does not jitter gets identity matrices: unchanged to the bit."""
+    N, apply = len(x), u[:, 0] < JITTER_P
     b, c, s = (torch.where(apply, 1 + k * (2 * u[:, i] - 1), 1.0) for i, k in zip((1, 2, 3), JITTER))  # each (N,)
     angle = torch.where(apply, -2 * math.pi * JITTER[3] * (2 * u[:, 4] - 1), 0.0)  # minus: red turns to yellow
     eye = torch.eye(3, device=x.device)
@@ -170,17 +164,11 @@ def colour_jitter(x, u, gray, yiq, yiq_inv):
                         eye + yiq_inv @ rot @ yiq], 1)              # hue; (N, 4, 3, 3)
     offset = torch.stack([torch.zeros_like(c), 1 - c, torch.zeros_like(c), torch.zeros_like(c)], 1)  # (N, 4)
     order, rows = u[:, 5:9].argsort(1), torch.arange(N, device=x.device)  # (N, 4): a random permutation per sample
-    for r in range(4):
-        op = order[:, r]
+    for op in order.T:  # (N,): each sample's op of this round
         mean_gray = x.mean((2, 3)) @ gray  # (N,): the image's mean gray level before this op
         x = torch.einsum('nij,njhw->nihw', mats[rows, op], x) + (offset[rows, op] * mean_gray).view(N, 1, 1, 1)
         x = x.clamp(0, 1)
     return x
-
-
-def grayscale(x, on, gray):
-    """RandomGrayscale: the luma in all three channels where `on` (N,) bool."""
-    return torch.where(on.view(-1, 1, 1, 1), torch.einsum('c,nchw->nhw', gray, x).unsqueeze(1).expand_as(x), x)
 
 
 def gaussian_blur(x, u, on):
@@ -199,28 +187,19 @@ def gaussian_blur(x, u, on):
     return y.view(N, C, H, W)
 
 
-def solarize(x, on):
-    """PIL's ImageOps.solarize (threshold 128): levels >= 128 inverted, where `on` (N,) bool."""
-    return torch.where(on.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-
-
 class Views:
-    """DINO's multi-crop: two global views (blur p 1 and 0.1, solarisation p 0.2 on the second) and
-    local_crops_number smaller local views (blur p 0.5), each with flip, colour jitter and grayscale. draw(step)
-    gives the uniforms of the whole global batch; a rank makes the views of its own rows from their uniforms."""
+    """DINO's multi-crop: two global and local_crops_number smaller local views of each image (see BLUR_P, SOLARIZE_P).
+    draw(step) gives the uniforms of the whole global batch; a rank makes the views of its own rows from theirs."""
 
     def __init__(self, cfg, img_size, local_size, device):
         self.cfg, self.img_size, self.local_size, self.device = cfg, img_size, local_size, device
         self.gen = torch.Generator(device=device)
         self.gray, self.yiq = torch.tensor(GRAY, device=device), torch.tensor(YIQ, device=device)
         self.yiq_inv = torch.linalg.inv(self.yiq)
-        # per view: (blur, solarisation) probabilities, made once so that no step copies from the host
-        self.global_p = torch.tensor(list(zip(BLUR_P[:2], SOLARIZE_P[:2])), device=device)  # (2, 2)
-        self.local_p = torch.tensor([[BLUR_P[2], SOLARIZE_P[2]]], device=device)            # (1, 2)
+        self.p = torch.tensor(list(zip(BLUR_P, SOLARIZE_P)), device=device)  # (3, 2), made once: no host copy per step
 
     def draw(self, step):
-        """(2 + local_crops_number, batch_size, sum(U_SIZES)) uniforms of the global batch of `step`: a function of
-        (seed, step) only, whatever the number of ranks or micro-batches, and again after a resume."""
+        """Uniforms (2 + L, batch_size, sum(U_SIZES)) of the global batch of `step`: a function of (seed, step) only."""
         self.gen.manual_seed(data.seed_for(self.cfg.seed, VIEW_STREAM, step))
         return torch.rand(2 + self.cfg.local_crops_number, self.cfg.batch_size, sum(U_SIZES), generator=self.gen,
                           device=self.device)
@@ -228,22 +207,24 @@ class Views:
     def __call__(self, x, u):
         """x (n, 3, H, W) in [0, 1] and u (2 + L, n, U) its draws -> normalised (global views (2n, 3, S, S), local
         views (L n, 3, s, s) or None), view-major: all the samples' first view, then their second, ..."""
-        n, L = len(x), self.cfg.local_crops_number
-        views = self.augment(x.repeat(2, 1, 1, 1), u[:2].flatten(0, 1), self.img_size, (self.cfg.global_crops_min, 1.0),
-                             self.global_p.repeat_interleave(n, 0))
+        n, L, c = len(x), self.cfg.local_crops_number, self.cfg
+        glob = self.augment(x.repeat(2, 1, 1, 1), u[:2].flatten(0, 1), self.img_size, (c.global_crops_min, 1.0),
+                            self.p[:2].repeat_interleave(n, 0))
         if L == 0:
-            return views, None
-        return views, self.augment(x.repeat(L, 1, 1, 1), u[2:].flatten(0, 1), self.local_size,
-                                   (self.cfg.local_crops_min, self.cfg.global_crops_min), self.local_p.expand(L * n, 2))
+            return glob, None
+        return glob, self.augment(x.repeat(L, 1, 1, 1), u[2:].flatten(0, 1), self.local_size,
+                                  (c.local_crops_min, c.global_crops_min), self.p[2:].expand(L * n, 2))
 
     def augment(self, x, u, size, scale, p):
         """x (N, 3, H, W) in [0, 1], u (N, U) uniforms, p (N, 2) blur and solarisation probabilities -> (N, 3, size, size)."""
         crop_u, jitter_u, gray_u, blur_u, solarize_u = u.split(U_SIZES, 1)
         x = random_resized_crop(x, crop_u, size, scale)
         x = colour_jitter(x, jitter_u, self.gray, self.yiq, self.yiq_inv)
-        x = grayscale(x, gray_u[:, 0] < GRAY_P, self.gray)
+        luma = torch.einsum('c,nchw->nhw', self.gray, x).unsqueeze(1).expand_as(x)
+        x = torch.where((gray_u < GRAY_P).view(-1, 1, 1, 1), luma, x)  # RandomGrayscale: the luma in all three channels
         x = gaussian_blur(x, blur_u, blur_u[:, 0] < p[:, 0])
-        x = solarize(x, solarize_u[:, 0] < p[:, 1])
+        # PIL's ImageOps.solarize (threshold 128): levels >= 128 inverted
+        x = torch.where((solarize_u < p[:, 1:]).view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
         return data.normalize(x)
 
 # -----------------------------------------------------------------------------
@@ -259,24 +240,13 @@ class DINOHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):  # DINO's init; the last layer keeps Linear's default, as in DINO
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        for m in self.mlp[::2]:  # the Linears: DINO's init; the last layer keeps Linear's default, as in DINO
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
         self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
 
     def forward(self, x):
-        x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))  # weight norm with g = 1
-
-
-def local_positions(pos_embed, grid):
-    """The fixed patch positions (1, 1+G*G, D) interpolated bicubically to a grid x grid local view -> (1, grid*grid, D),
-    as DINO's interpolate_pos_encoding: a local crop spans the same range of positions as a global one."""
-    G, D = math.isqrt(pos_embed.shape[1] - 1), pos_embed.shape[2]
-    p = pos_embed[0, 1:].reshape(G, G, D).permute(2, 0, 1)[None]               # (1, D, G, G)
-    p = F.interpolate(p, size=(grid, grid), mode='bicubic', align_corners=False)  # (1, D, g, g)
-    return p[0].permute(1, 2, 0).reshape(1, grid * grid, D)
+        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.last_layer.weight, dim=1))
 
 
 class MultiCropWrapper(nn.Module):
@@ -286,14 +256,18 @@ class MultiCropWrapper(nn.Module):
     def __init__(self, encoder, head, local_grid=0):
         super().__init__()
         self.encoder, self.head = encoder, head
-        if local_grid:  # recomputed from the fixed positions, so not saved
-            self.register_buffer('local_pos', local_positions(encoder.pos_embed, local_grid), persistent=False)
+        # local views: the fixed patch positions (1, 1+G*G, D) interpolated bicubically to their g x g grid, as DINO's
+        # interpolate_pos_encoding does (a local crop spans the same range of positions as a global one)
+        if local_grid:
+            G, D, g = math.isqrt(encoder.pos_embed.shape[1] - 1), encoder.pos_embed.shape[2], local_grid
+            p = encoder.pos_embed[0, 1:].reshape(G, G, D).permute(2, 0, 1)[None]  # (1, D, G, G)
+            p = F.interpolate(p, size=(g, g), mode='bicubic', align_corners=False).permute(0, 2, 3, 1)  # (1, g, g, D)
+            self.register_buffer('local_pos', p.reshape(1, g * g, D), persistent=False)  # recomputed, so not saved
 
     def forward(self, global_views, local_views=None):
         f = self.encoder.forward_features(global_views, pool='cls')  # (2n, D)
-        if local_views is not None:
-            local = self.encoder.encode(self.encoder.patch_embed(local_views) + self.local_pos)[:, 0]  # (L n, D)
-            f = torch.cat([f, local])
+        if local_views is not None:  # + (L n, D)
+            f = torch.cat([f, self.encoder.encode(self.encoder.patch_embed(local_views) + self.local_pos)[:, 0]])
         return self.head(f)
 
 
@@ -333,8 +307,7 @@ class DINO(nn.Module):
 
 
 def build(mcfg, cfg, local_size):
-    """The DINO module: a student (encoder with drop path, head) and a teacher of the same architecture that starts
-    from the student's weights, as in DINO."""
+    """The DINO module: a student (encoder with drop path, head) and a teacher that starts as its copy, as in DINO."""
     def net(drop, grid):
         return MultiCropWrapper(M.VisionTransformer(replace(mcfg, drop_path=drop)),
                                 DINOHead(mcfg.embed_dim, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck), grid)
@@ -360,10 +333,8 @@ def local_view_size(cfg, mcfg):
 def teacher_temp_at(epoch, cfg):
     """DINO's teacher temperature: np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs) for the
     first epochs, then teacher_temp."""
-    w = cfg.warmup_teacher_temp_epochs
-    if epoch >= w:
-        return cfg.teacher_temp
-    return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * epoch / max(w - 1, 1)
+    w, t0, t1 = cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp
+    return t1 if epoch >= w else t0 + (t1 - t0) * epoch / max(w - 1, 1)
 
 
 @torch.no_grad()
@@ -393,12 +364,11 @@ def flops_per_image(dino, img_size, local_size, n_local, device):
     student on every view (x3 for forward + backward), the teacher on the two global views."""
     g = torch.zeros(2, 3, img_size, img_size, device=device)
     local = torch.zeros(n_local, 3, local_size, local_size, device=device) if n_local else None
-    counts = []
-    for fn in (lambda: dino.student(g, local), lambda: dino.teacher(g)):
+    def count(net, *views):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            fn()
-        counts.append(counter.get_total_flops())
-    return 3 * counts[0] + counts[1]
+            net(*views)
+        return counter.get_total_flops()
+    return 3 * count(dino.student, g, local) + count(dino.teacher, g)
 
 # -----------------------------------------------------------------------------
 
@@ -413,8 +383,7 @@ def main(argv=None):
 
 
 def train(cfg, given, ck, mcfg, run):
-    local_size = local_view_size(cfg, mcfg)
-    device = run.device
+    local_size, device = local_view_size(cfg, mcfg), run.device
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     dino = build(mcfg, cfg, local_size).to(device)
     student, teacher = dino.student, dino.teacher
@@ -423,23 +392,20 @@ def train(cfg, given, ck, mcfg, run):
 
     # data: the whole split as uint8 on the device; each rank makes the views of its rows of the global batch
     train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
-    loader = data.DeviceLoader(train_split, batch_size=cfg.batch_size, device=device, seed=cfg.seed,
-                               rank=run.rank, world_size=run.world_size, accum_steps=cfg.accum_steps,
-                               img_size=mcfg.img_size)
+    loader = data.DeviceLoader(train_split, batch_size=cfg.batch_size, device=device, seed=cfg.seed, rank=run.rank,
+                               world_size=run.world_size, accum_steps=cfg.accum_steps, img_size=mcfg.img_size)
     views = Views(cfg, mcfg.img_size, local_size, loader.device)
     steps_per_epoch = loader.steps_per_epoch
     total_steps = cfg.bench_warmup + cfg.bench_steps if cfg.bench_steps else cfg.epochs * steps_per_epoch
     warmup_steps = common.warmup_steps(cfg, given, steps_per_epoch, run)
     peak_lr = cfg.lr * cfg.batch_size / 256
 
-    # optimizer: AdamW on the student; the weight decay of the decayed group follows its own schedule
-    groups = common.param_groups(student, cfg.weight_decay)
-    for group in groups:
-        group['decayed'] = group['weight_decay'] > 0  # (kept in the optimizer's state dict)
+    # optimizer: AdamW on the student; the weight decay of the group marked 'decayed' (a key the optimizer's state
+    # dict keeps) follows its own schedule
+    groups = [dict(g, decayed=g['weight_decay'] > 0) for g in common.param_groups(student, cfg.weight_decay)]
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.beta1, cfg.beta2), **(dict(fused=True) if run.cuda else {}))
-    last_layer = student.head.last_layer.weight
-    step = 0
-    if ck is not None:  # resume: both networks, the centre, optimizer, scaler, RNG (drop path) and the step
+    step, knn_floor = 0, None
+    if ck is not None:  # resume: both networks, the centre, optimizer, scaler, RNG (drop path), the step, the kNN floor
         student.load_state_dict(ck['student'])
         M.load_weights(teacher.encoder, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
         teacher.head.load_state_dict(ck['teacher_head'])
@@ -451,7 +417,7 @@ def train(cfg, given, ck, mcfg, run):
             common.set_rng_state(ck['rng'])
         else:
             torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
-        step = ck['step']
+        step, knn_floor = ck['step'], ck.get('knn_floor')
 
     # fixed val images (spread over the split, all classes) as the kNN queries, a fixed train subset as the bank
     if not cfg.bench_steps:
@@ -460,8 +426,7 @@ def train(cfg, given, ck, mcfg, run):
         val_split = data.Split(val_split.images[pick], val_split.labels[pick], val_split.classes)
         knn_split = data.subset(train_split, cfg.knn_bank, cfg.seed)
 
-    n_student = sum(p.numel() for p in student.parameters())
-    n_enc = sum(p.numel() for p in student.encoder.parameters())
+    n_student, n_enc = (sum(p.numel() for p in net.parameters()) for net in (student, student.encoder))
     run.banner({'params': f"{n_student / 1e6:.2f}M student ({n_enc / 1e6:.2f}M encoder), the same in the teacher",
                 'views': f"2 x {mcfg.img_size}px global (area {cfg.global_crops_min:g}-1)" + (
                     f" + {cfg.local_crops_number} x {local_size}px local (area {cfg.local_crops_min:g}-"
@@ -490,25 +455,21 @@ def train(cfg, given, ck, mcfg, run):
     def knn(what):
         if not cfg.knn_bank or not run.master:
             return None
-        t0 = time.time()
-        result = evaluate.knn_top1(teacher.encoder, knn_split, val_split, run)
+        t0, result = time.time(), evaluate.knn_top1(teacher.encoder, knn_split, val_split, run)
         dino.train()
         run.log(dict(event='knn', step=step, what=what, **result),
                 f"kNN top-1 of the teacher on {len(val_split.labels)} val images ({what}): {result['top1']:.2f}% "
                 f"({len(knn_split.labels)} bank, {time.time() - t0:.1f}s)")
         return result['top1']
 
-    knn_floor = ck.get('knn_floor') if ck is not None else None
     if not cfg.bench_steps and step == 0:
         knn_floor = knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
 
     # the loop
     dino.train()
     t_start = t_log = time.time()
-    zero = torch.zeros((), device=device)
-    loss_sum, entropy_sum, n_losses, step_logged = zero.clone(), zero.clone(), 0, step
-    loss_now, entropy_now, top1 = float('nan'), float('nan'), None
-    teacher_sum = torch.zeros(cfg.out_dim, device=device)
+    sums, teacher_sum = torch.zeros(2, device=device), torch.zeros(cfg.out_dim, device=device)  # (loss, entropy), (K,)
+    n_losses, step_logged, loss_now, entropy_now, top1 = 0, step, float('nan'), float('nan'), None
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
@@ -532,28 +493,27 @@ def train(cfg, given, ck, mcfg, run):
                     with run.autocast:
                         loss, t_sum, entropy = step_model(global_views, local_views)
                     run.scaler.scale(loss / cfg.accum_steps).backward()
-                loss_sum += loss.detach()  # summed on the device: no host sync per step
-                entropy_sum += entropy
+                sums += torch.stack([loss.detach(), entropy])  # summed on the device: no host sync per step
                 teacher_sum += t_sum
                 n_losses += 1
             if cfg.grad_clip > 0:
                 run.scaler.unscale_(optimizer)
                 clip_per_tensor(student_params, cfg.grad_clip)
             if epoch < cfg.freeze_last_layer:
-                last_layer.grad = None  # DINO: the last layer is not updated in the first epochs
+                student.head.last_layer.weight.grad = None  # DINO: the last layer is not updated in the first epochs
             run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
             run.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             # the teacher and the centre, identically on every rank (the student's weights and the sums are the same)
             update_teacher(teacher_params, student_params, common.get_lr(step, total_steps, 0, cfg.momentum_teacher, 1.0))
             if run.ddp:
-                dist.all_reduce(teacher_sum)
+                torch.distributed.all_reduce(teacher_sum)
             update_center(dino.center, teacher_sum, 2 * cfg.batch_size, cfg.center_momentum)
             step += 1
 
             if cfg.bench_steps:
                 if step == total_steps:
-                    return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
+                    return common.bench_result(run, t_bench, cfg, flops, peak, sums[0] / n_losses,
                                                f"dino {cfg.model} {cfg.local_crops_number} local crops")
                 if run.stop_signal:  # a benchmark has nothing to save
                     return 128 + run.stop_signal
@@ -566,8 +526,7 @@ def train(cfg, given, ck, mcfg, run):
             # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
             stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
-                loss_now = run.mean(loss_sum.item() / n_losses)
-                entropy_now = run.mean(entropy_sum.item() / n_losses)
+                loss_now, entropy_now = (run.mean(v / n_losses) for v in sums.tolist())
                 if not math.isfinite(loss_now):
                     kept = (f"the last good checkpoint {cfg.out_dir}/ckpt.pt is untouched"
                             if os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')) else "no checkpoint was written")
@@ -583,8 +542,7 @@ def train(cfg, given, ck, mcfg, run):
                         f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
                         f"teacher entropy {entropy_now:.3f} | lr {lr_now:.2e} | {ips:,.0f} img/s"
                         + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | eta {common.fmt_eta(eta)}")
-                loss_sum.zero_()
-                entropy_sum.zero_()
+                sums.zero_()
                 n_losses, step_logged = 0, step
             if stopping:  # SIGTERM (pre-emption) or Ctrl-C: save where we are and say how to continue
                 if run.master:
@@ -601,7 +559,7 @@ def train(cfg, given, ck, mcfg, run):
                     run.log(dict(event='checkpoint', step=step, epoch=done, knn_top1=top1),
                             f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
                 if run.ddp and checkpoint:
-                    dist.barrier()
+                    torch.distributed.barrier()
 
     if run.master:  # the run's summary; its presence also marks the run as finished (reproduce.sh skips it)
         summary = dict(script='dino', model=cfg.model, dataset=cfg.dataset, epochs=cfg.epochs, steps=step,
