@@ -58,55 +58,55 @@ def cli(main):
 # -----------------------------------------------------------------------------
 # configuration: the constants at the top of a script, overridden by --name value / --name=value
 
-def _finite(lo=None, hi=None, lo_open=False, hi_open=False):
+def _number(lo=None, hi=None, lo_open=False, hi_open=False):
     def ok(v):
         return (math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
                 and (hi is None or (v < hi if hi_open else v <= hi)))
     return ok
 
 
-def _choice(options):
+def _choice(*options):
     return lambda v: v in options, 'one of ' + ', '.join(map(str, options))
 
 
-AT_LEAST_1, AT_LEAST_0 = (lambda v: v >= 1, 'an integer >= 1'), (lambda v: v >= 0, 'an integer >= 0')
-UNIT_OPEN, UNIT_CLOSED = (_finite(0, 1, hi_open=True), 'a number in [0, 1)'), (_finite(0, 1), 'a number in [0, 1]')
-POSITIVE = (_finite(0, lo_open=True), 'a finite number > 0')
+def _rule(names, test, allowed):
+    return dict.fromkeys(names.split(), (test, allowed))
+
+
 # One rule per config name, whatever script has it: (test of the value, what is allowed). A default of '' or 0
 # means "from the checkpoint, the preset or the recipe" and is always accepted. Booleans need no rule; FREE_TEXT
 # names are paths or names that the script checks when it opens them (tests/test_design.py holds every other name
 # of every script to a rule here).
 RULES = {
-    'dataset': _choice(data.DATASETS), 'data_dir': (bool, 'a folder path'), 'out_dir': (bool, 'a folder path'),
-    'subset': AT_LEAST_0, 'model': _choice(M.PRESETS), 'img_size': AT_LEAST_1, 'patch_size': AT_LEAST_1,
-    'masking': _choice(M.MASKINGS), 'alpha': (_finite(0, 1), 'a number in [0, 1]: 0 is MAE, 0.5 the SMAE of the study'),
-    'weighting': _choice(M.WEIGHTINGS), 'calib_batches': AT_LEAST_1, 'epochs': AT_LEAST_1,
-    'warmup_epochs': AT_LEAST_0, 'batch_size': AT_LEAST_1, 'accum_steps': AT_LEAST_1,
-    'lr': (_finite(0, lo_open=True), 'a finite number > 0'),
-    'min_lr': (_finite(0), 'a finite number >= 0'), 'weight_decay': (_finite(0), 'a finite number >= 0'),
-    'beta1': UNIT_OPEN, 'beta2': UNIT_OPEN, 'grad_clip': (_finite(0), 'a finite number >= 0 (0 = off)'),
-    'device': (lambda v: v in ('auto', 'cpu', 'cuda') or (v.startswith('cuda:') and v[5:].isdigit()),
-               'auto, cpu, cuda or cuda:N'),
-    'dtype': _choice(('bfloat16', 'float16', 'float32')),
-    'compile_mode': _choice(('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')),
-    'seed': (lambda v: 0 <= v < 2 ** 63, 'an integer in [0, 2^63)'), 'log_every': AT_LEAST_1, 'ckpt_every': AT_LEAST_1,
-    'picture_every': AT_LEAST_1, 'eval_every': AT_LEAST_1, 'val_images': AT_LEAST_1, 'bench_steps': AT_LEAST_0,
-    'bench_warmup': AT_LEAST_0, 'arch': _choice(('vit', 'squeezenet')), 'global_pool': _choice(M.POOLS),
-    'pool': _choice(M.POOLS), 'drop_path': UNIT_OPEN, 'label_smoothing': UNIT_OPEN,
-    'mixup': (_finite(0), 'a Beta alpha >= 0 (0 = off)'), 'cutmix': (_finite(0), 'a Beta alpha >= 0 (0 = off)'),
-    'layer_decay': (_finite(0, 1, lo_open=True), 'a number in (0, 1] (1 = off)'), 'feature_batch': AT_LEAST_1,
-    'transfer_dataset': _choice(('auto', 'none') + data.DATASETS), 'max_images': AT_LEAST_0,
-    'workers': (lambda v: 0 <= v <= (os.cpu_count() or 1), f'an integer from 0 to the {os.cpu_count()} CPU cores (0 = all but one)'),
-    'knn_k': AT_LEAST_1, 'knn_temperature': POSITIVE,
-    'probe_epochs': AT_LEAST_0, 'steps': AT_LEAST_1, 'process_timeout': AT_LEAST_1, 'warmup': AT_LEAST_0, 'knn_bank': AT_LEAST_0,
-    'batch_sizes': (lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')), 'integers >= 1, comma-separated'),
-    'only': _choice(('profile', 'peer', 'loader')), 'weight_decay_end': (_finite(0), 'a finite number >= 0'),
-    'momentum_teacher': UNIT_CLOSED, 'center_momentum': UNIT_CLOSED, 'teacher_temp': POSITIVE,
-    'warmup_teacher_temp': POSITIVE, 'student_temp': POSITIVE, 'warmup_teacher_temp_epochs': AT_LEAST_0,
-    'freeze_last_layer': AT_LEAST_0, 'out_dim': AT_LEAST_1, 'head_hidden': AT_LEAST_1, 'head_bottleneck': AT_LEAST_1,
-    'local_crops_number': AT_LEAST_0, 'local_crops_size': AT_LEAST_0,
-    'global_crops_min': (_finite(0, 1, lo_open=True), 'a number in (0, 1]'),
-    'local_crops_min': (_finite(0, 1, lo_open=True, hi_open=True), 'a number in (0, 1)'), 'mask': (M.mask_ratio_ok, 'a number in (0, 1): the fraction of patches hidden'),
+    **_rule('subset max_images knn_bank warmup_epochs warmup bench_steps bench_warmup probe_epochs freeze_last_layer '
+            'warmup_teacher_temp_epochs local_crops_number local_crops_size', lambda v: v >= 0, 'an integer >= 0'),
+    **_rule('img_size patch_size epochs batch_size accum_steps calib_batches log_every ckpt_every picture_every '
+            'eval_every val_images feature_batch knn_k steps process_timeout out_dim head_hidden head_bottleneck',
+            lambda v: v >= 1, 'an integer >= 1'),
+    **_rule('lr teacher_temp warmup_teacher_temp student_temp knn_temperature', _number(0, lo_open=True), 'a finite number > 0'),
+    **_rule('min_lr weight_decay weight_decay_end', _number(0), 'a finite number >= 0'),
+    **_rule('grad_clip', _number(0), 'a finite number >= 0 (0 = off)'),
+    **_rule('mixup cutmix', _number(0), 'a Beta alpha >= 0 (0 = off)'),
+    **_rule('beta1 beta2 drop_path label_smoothing', _number(0, 1, hi_open=True), 'a number in [0, 1)'),
+    **_rule('momentum_teacher center_momentum', _number(0, 1), 'a number in [0, 1]'),
+    **_rule('layer_decay', _number(0, 1, lo_open=True), 'a number in (0, 1] (1 = off)'),
+    **_rule('global_crops_min', _number(0, 1, lo_open=True), 'a number in (0, 1]'),
+    **_rule('local_crops_min', _number(0, 1, lo_open=True, hi_open=True), 'a number in (0, 1)'),
+    **_rule('alpha', _number(0, 1), 'a number in [0, 1]: 0 is MAE, 0.5 the SMAE of the study'),
+    **_rule('mask', M.mask_ratio_ok, 'a number in (0, 1): the fraction of patches hidden'),
+    **_rule('data_dir out_dir', bool, 'a folder path'),
+    **_rule('seed', lambda v: 0 <= v < 2 ** 63, 'an integer in [0, 2^63)'),
+    **_rule('workers', lambda v: 0 <= v <= (os.cpu_count() or 1),
+            f'an integer from 0 to the {os.cpu_count()} CPU cores (0 = all but one)'),
+    **_rule('device', lambda v: v in ('auto', 'cpu', 'cuda') or (v.startswith('cuda:') and v[5:].isdigit()),
+            'auto, cpu, cuda or cuda:N'),
+    **_rule('batch_sizes', lambda v: all(p.strip().isdigit() and int(p) >= 1 for p in v.split(',')),
+            'integers >= 1, comma-separated'),
+    'dataset': _choice(*data.DATASETS), 'transfer_dataset': _choice('auto', 'none', *data.DATASETS),
+    'model': _choice(*M.PRESETS), 'masking': _choice(*M.MASKINGS), 'weighting': _choice(*M.WEIGHTINGS),
+    'global_pool': _choice(*M.POOLS), 'pool': _choice(*M.POOLS), 'arch': _choice('vit', 'squeezenet'),
+    'dtype': _choice('bfloat16', 'float16', 'float32'), 'only': _choice('profile', 'peer', 'loader'),
+    'compile_mode': _choice('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
 }  # img_size with patch_size, and the mask ratio on the grid: checked by model.ViTConfig when the script builds its model
 FREE_TEXT = ('ckpt', 'critic')  # checkpoint paths (or 'alexnet'), checked when loaded, before any data
 
