@@ -31,6 +31,12 @@ class UserError(Exception):
 class NonFiniteLoss(Exception):
     """Training diverged. Printed as one line; exit code 1. The last good checkpoint is left as it was."""
 
+    @classmethod
+    def at(cls, loss, step, out_dir, fix="lower --lr, set --grad_clip 1.0, or use --dtype bfloat16"):
+        kept = (f"the last good checkpoint {out_dir}/ckpt.pt is untouched"
+                if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) else "no checkpoint was written")
+        return cls(f"loss became {loss} at step {step}; {kept}: {fix}")
+
 
 def cli(main):
     """Run a script's main(argv), turning expected failures into one line on stderr and a non-zero exit."""

@@ -528,10 +528,8 @@ def train(cfg, given, ck, mcfg, run):
             if log_now or stopping:
                 loss_now, entropy_now = (run.mean(v / n_losses) for v in sums.tolist())
                 if not math.isfinite(loss_now):
-                    kept = (f"the last good checkpoint {cfg.out_dir}/ckpt.pt is untouched"
-                            if os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')) else "no checkpoint was written")
-                    raise common.NonFiniteLoss(f"loss became {loss_now} at step {step}; {kept}: lower --lr, lower "
-                                               f"--grad_clip, or use --dtype bfloat16")
+                    raise common.NonFiniteLoss.at(loss_now, step, cfg.out_dir,
+                                                  "lower --lr, lower --grad_clip, or use --dtype bfloat16")
                 dt, t_log = time.time() - t_log, time.time()
                 ips = (step - step_logged) * cfg.batch_size / dt
                 mfu = ips * flops / (peak * run.world_size) if peak else None

@@ -301,10 +301,7 @@ def train(cfg, given, ck, pre, run):
             if log_now or stopping:
                 loss_now = run.mean(loss_sum.item() / n_losses)
                 if not math.isfinite(loss_now):
-                    kept = (f"the last good checkpoint {cfg.out_dir}/ckpt.pt is untouched"
-                            if os.path.exists(os.path.join(cfg.out_dir, 'ckpt.pt')) else "no checkpoint was written")
-                    raise common.NonFiniteLoss(f"loss became {loss_now} at step {step}; {kept}: lower --lr, set "
-                                               f"--grad_clip 1.0, or use --dtype bfloat16")
+                    raise common.NonFiniteLoss.at(loss_now, step, cfg.out_dir)
                 lr_head = max(g['lr'] for g in optimizer.param_groups)  # the head's (layer decay scales the others down)
                 dt, t_log = time.time() - t_log, time.time()
                 ips = (step - step_logged) * cfg.batch_size / dt

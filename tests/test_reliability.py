@@ -15,7 +15,7 @@ from PIL import Image
 import common
 import model as M
 import pretrain
-from conftest import ROOT
+from conftest import ROOT, script_argv
 
 
 def weights(out):
@@ -196,6 +196,24 @@ def test_non_finite_loss_row_keeps_last_good_checkpoint(tiny, tmp_path, capsys, 
     assert code == 1
     one_line_error(code, err, 'loss became nan', 'untouched')
     assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == good
+
+
+@pytest.mark.parametrize('script', ['finetune', 'dino'])
+def test_non_finite_loss_in_finetune_and_dino_is_one_line_and_writes_no_checkpoint(script, tiny, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import dino
+    import finetune
+    if script == 'finetune':  # NaN logits
+        real = M.VisionTransformer.forward
+        monkeypatch.setattr(M.VisionTransformer, 'forward', lambda self, x: real(self, x) * float('nan'))
+    else:                     # a NaN DINO loss
+        real = dino.dino_loss
+        monkeypatch.setattr(dino, 'dino_loss', lambda *a: (real(*a)[0] * float('nan'), real(*a)[1]))
+    module = {'finetune': finetune, 'dino': dino}[script]
+    code, err = run_cli(module.main, script_argv(module, tiny('--epochs', 1)), capsys, monkeypatch, script=f'{script}.py')
+    assert code == 1
+    one_line_error(code, err, 'loss became nan at step 1', 'no checkpoint was written', '--lr')
+    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
 
 
 def test_fresh_run_never_overwrites_a_checkpoint(tiny, tmp_path, capsys, monkeypatch):
