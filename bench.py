@@ -6,8 +6,7 @@ freshly compiled graph a real run uses, never a recompiled symbolic-shape one), 
 - the SMAE step (critic included) against the MAE step, as a ratio;
 - fine-tuning: finetune.py's loop with per-sample RandAugment (and mixup/cutmix), beside the loader and its
   augmentation alone;
-- transformers' ViTMAEForPreTraining with the same configuration, under the same compile mode as ours, fed the
-  same way, when transformers is installed.
+- transformers' ViTMAEForPreTraining (if installed) with the same configuration, compile mode and feeding as ours.
 
     python bench.py                                   # the study's model at batch 128 and 1024 on the GPU
     python bench.py --batch_sizes 128 --steps 300 --peer false
@@ -62,7 +61,7 @@ def measure(script, args, timeout):
     try:  # the child dies with this process, whatever ends it (a timeout, a signal)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=common.die_with_parent)
     except subprocess.TimeoutExpired:
-        print(f"  {script} {' '.join(map(str, args))}: timed out after {timeout}s")
+        print(f"  {script} {' '.join(cmd[2:])}: timed out after {timeout}s")
         return None
     for line in done.stdout.splitlines():
         if line.startswith('BENCH_JSON '):
@@ -70,6 +69,27 @@ def measure(script, args, timeout):
     print(f"  {script} {args[-1] if script == 'bench.py' else ''} failed (exit {done.returncode}): "
           f"{(done.stderr or done.stdout).strip()[-400:]}")
     return None
+
+
+def command(cfg, key, batch, tmp=None):
+    """(script, arguments) of the process that times `key` at this batch size: pretrain.py's or finetune.py's
+    benchmark mode (which writes no files), or this script; for 'smae', writes a critic into the folder `tmp`."""
+    args = ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
+            '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
+            '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
+    if key in ('peer', 'loader'):  # this script, timing one thing
+        return 'bench.py', args + ['--batch_sizes', batch, '--steps', cfg.steps, '--warmup', cfg.warmup,
+                                   '--mask', cfg.mask, '--only', key]
+    args += ['--batch_size', batch, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup]
+    if key == 'finetune':
+        return 'finetune.py', args + ['--mixup', 0.8, '--cutmix', 1.0]
+    args += ['--mask', cfg.mask]
+    if key == 'smae':  # a random SqueezeNet critic in finetune.py's checkpoint format: speed does not depend on its weights
+        critic = os.path.join(tmp, 'critic.pt')
+        common.save_atomic({'kind': 'finetune', 'model': M.build_squeezenet(200).state_dict(), 'step': 0,
+                            'model_config': {'num_classes': 200}, 'config': {'arch': 'squeezenet'}}, critic)
+        args += ['--alpha', 0.5, '--critic', critic]
+    return 'pretrain.py', args
 
 
 def time_transformers_peer(cfg, batch, run):
@@ -86,17 +106,16 @@ def time_transformers_peer(cfg, batch, run):
                           decoder_intermediate_size=int(mcfg.decoder_embed_dim * mcfg.decoder_mlp_ratio),
                           image_size=mcfg.img_size, patch_size=mcfg.patch_size, mask_ratio=cfg.mask, norm_pix_loss=False,
                           layer_norm_eps=1e-6, attn_implementation='sdpa')
-    dev = run.device
-    net = ViTMAEForPreTraining(hf_cfg).to(dev).train()
+    net = ViTMAEForPreTraining(hf_cfg).to(run.device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.15, **(dict(fused=True) if run.cuda else {}))
     mode = common.compile_mode(SimpleNamespace(compile=cfg.compile, compile_mode=cfg.compile_mode, accum_steps=1), run)
     step_net = torch.compile(net, mode=mode) if mode else net
-    images = data.load_split(cfg.dataset, 'train', cfg.data_dir).images.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-
-    def one_step():
-        idx = torch.randint(0, images.shape[0], (batch,), device=dev, generator=gen)
-        x = data.normalize(images[idx])
+    images = data.load_split(cfg.dataset, 'train', cfg.data_dir).images.to(run.device)
+    gen = torch.Generator(device=run.device).manual_seed(0)
+    for step in range(cfg.warmup + cfg.steps):
+        if step == cfg.warmup:  # the steps before are warm-up (compilation, CUDA graph capture)
+            t0 = common.bench_start(run)
+        x = data.normalize(images[torch.randint(0, images.shape[0], (batch,), device=run.device, generator=gen)])
         if x.shape[-1] != mcfg.img_size:
             x = torch.nn.functional.interpolate(x, size=mcfg.img_size, mode='bilinear', antialias=True)
         if mode in ('reduce-overhead', 'max-autotune'):
@@ -106,15 +125,7 @@ def time_transformers_peer(cfg, batch, run):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(cfg.warmup):
-        one_step()
-    t0 = common.bench_start(run)
-    for _ in range(cfg.steps):
-        one_step()
-    if run.cuda:
-        torch.cuda.synchronize()
-    return dict(label=f"transformers ViTMAEForPreTraining ({mode or 'eager'})", images_per_s=cfg.steps * batch / (time.perf_counter() - t0),
-                batch_size=batch)
+    return f"transformers ViTMAEForPreTraining ({mode or 'eager'})", cfg.steps * batch, t0
 
 
 def loader_rate(cfg, batch, run):
@@ -122,84 +133,59 @@ def loader_rate(cfg, batch, run):
     split = data.load_split(cfg.dataset, 'train', cfg.data_dir)
     size = cfg.img_size or M.make_config(cfg.model).img_size
     loader = data.DeviceLoader(split, batch_size=batch, device=run.device, img_size=size, augment=data.finetune_augment)
-    n, t0 = 0, None
     for step, micro in loader.epoch(0):
         x, y = micro[0]
         data.mixup_cutmix(x, y, split.num_classes, 0.8, 1.0, 0.5, 0.0, seed=step)
-        if step == cfg.warmup:        # batches before this one are warm-up
+        if step == cfg.warmup:  # the clock starts after this batch: the ones so far are warm-up
             t0 = common.bench_start(run)
-        elif t0 is not None:
-            n += batch
-            if step == cfg.warmup + cfg.steps:
-                break
-    if run.cuda:
-        torch.cuda.synchronize()
-    return dict(label='loader + RandAugment + mixup/cutmix', images_per_s=n / (time.perf_counter() - t0), batch_size=batch)
+        if step == cfg.warmup + cfg.steps:
+            break
+    return 'loader + RandAugment + mixup/cutmix', (step - cfg.warmup) * batch, t0  # fewer if the epoch ends first
 
 
 def main(argv=None):
     cfg, _ = common.configure(globals(), argv)
     if cfg.only == 'profile':
         return profile(cfg)
-    if cfg.only:  # one measurement, in this fresh process
-        cfg.out_dir = tempfile.mkdtemp()
+    if cfg.only:  # one measurement, in this fresh process: its loop returns (label, images timed, start of the clock)
+        batch = int(cfg.batch_sizes)
         with common.Run(cfg, 'bench', lock=False, training=False) as run:
-            fn = {'peer': time_transformers_peer, 'loader': loader_rate}[cfg.only]
-            result = fn(cfg, int(cfg.batch_sizes), run)
-        print("BENCH_JSON " + json.dumps(result))
+            label, images, t0 = {'peer': time_transformers_peer, 'loader': loader_rate}[cfg.only](cfg, batch, run)
+            if run.cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        print("BENCH_JSON " + json.dumps(dict(label=label, images_per_s=images / dt, batch_size=batch)))
         return 0
-    dev = torch.device('cuda' if cfg.device == 'auto' and torch.cuda.is_available() else
-                       'cpu' if cfg.device == 'auto' else cfg.device)
+    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
     print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, compile "
           f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    report = dict(device=name, torch=torch.__version__, config=vars(cfg), results=[])
-    batches = [int(b) for b in cfg.batch_sizes.split(',')]
-    rows = {b: dict(batch=b) for b in batches}
+    rows = [dict(batch=int(b)) for b in cfg.batch_sizes.split(',')]
+    report = dict(device=name, torch=torch.__version__, config=vars(cfg), results=rows)  # the rows fill in as figures come
+    # the most wanted figures first, so a run cut short still has them; the extras at the first batch size
+    jobs = [(row, key) for row in rows for key in ['mae'] + ['peer'] * cfg.peer]
+    jobs += [(rows[0], key) for key in ['smae'] * cfg.smae + ['finetune', 'loader'] * cfg.finetune]
     with tempfile.TemporaryDirectory() as tmp:
-        critic = critic_checkpoint(os.path.join(tmp, 'critic.pt')) if cfg.smae else None
-        def loop(b):  # pretrain.py / finetune.py in benchmark mode
-            return loop_args(cfg, b) + ['--out_dir', os.path.join(tmp, 'run')]
-
-        def alone(b, what):  # this script, timing one thing
-            return shared_args(cfg) + ['--batch_sizes', b, '--steps', cfg.steps, '--warmup', cfg.warmup, '--mask',
-                                       cfg.mask, '--only', what]
-        # the most wanted figures first, so a run cut short still has them; the extras at the first batch size
-        jobs = [job for b in batches for job in [(b, 'mae', 'pretrain.py', loop(b) + ['--mask', cfg.mask])]
-                + ([(b, 'peer', 'bench.py', alone(b, 'peer'))] if cfg.peer else [])]
-        jobs += [(batches[0], 'smae', 'pretrain.py', loop(batches[0]) + ['--mask', cfg.mask, '--alpha', 0.5, '--critic', critic])] if cfg.smae else []
-        jobs += [(batches[0], 'finetune', 'finetune.py', loop(batches[0]) + ['--mixup', 0.8, '--cutmix', 1.0]),
-                 (batches[0], 'loader', 'bench.py', alone(batches[0], 'loader'))] if cfg.finetune else []
-        for b, key, script, args in jobs:
-            row = rows[b]
-            row[key] = measure(script, args, cfg.process_timeout)
-            if row[key]:
-                print(f"  batch {b} {key}: {row[key]['images_per_s']:,.0f} images/s ({row[key].get('label', '')})", flush=True)
-            ratios(row)
-            report['results'] = list(rows.values())
+        for row, key in jobs:
+            got = row[key] = measure(*command(cfg, key, row['batch'], tmp), cfg.process_timeout)
+            if got:
+                print(f"  batch {row['batch']} {key}: {got['images_per_s']:,.0f} images/s ({got.get('label', '')})", flush=True)
+            ips = {k: (row.get(k) or {}).get('images_per_s') for k in ('mae', 'smae', 'finetune', 'loader', 'peer')}
+            for ratio, a, b in [('smae_step_ratio', 'mae', 'smae'), ('loader_over_finetune', 'loader', 'finetune'),
+                                ('ratio_vs_peer', 'mae', 'peer')]:  # the figures that compare, where both exist
+                if ips[a] and ips[b]:
+                    row[ratio] = ips[a] / ips[b]
             common.save_atomic(json.dumps(report, indent=1, default=str), os.path.join(cfg.out_dir, 'bench.json'))
-    results = list(rows.values())
-    print(table(results))
+    print(table(rows))
     return 0
 
 
-def ratios(row):
-    """The figures that compare: SMAE/MAE step time, loader/fine-tuning rate, ours/peer rate (where both exist)."""
-    get = lambda k: (row.get(k) or {}).get('images_per_s')  # noqa: E731
-    if get('mae') and get('smae'):
-        row['smae_step_ratio'] = get('mae') / get('smae')
-    if get('finetune') and get('loader'):
-        row['loader_over_finetune'] = get('loader') / get('finetune')
-    if get('mae') and get('peer'):
-        row['ratio_vs_peer'] = get('mae') / get('peer')
-
-
-def table(results):
+def table(rows):
     f = lambda v, spec, unit='': format(v, spec) + unit if v is not None else 'n/a'  # noqa: E731
     lines = ["| batch | MAE images/s | step ms | MFU | peak mem | SMAE/MAE step | fine-tune images/s | loader/fine-tune | "
              "ViTMAE (transformers) | ours / ViTMAE |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
+    for r in rows:
         mae = r.get('mae') or {}
         lines.append(f"| {r['batch']} | {f(mae.get('images_per_s'), ',.0f')} | {f(mae.get('step_ms'), '.2f')} | "
                      f"{f(mae.get('mfu') and 100 * mae['mfu'], '.1f', '%')} | {f(mae.get('peak_mem_gb'), '.2f', ' GB')} | "
@@ -209,40 +195,19 @@ def table(results):
     return "\n".join(lines)
 
 
-def shared_args(cfg):
-    """The settings every timed process shares with this one."""
-    return ['--dataset', cfg.dataset, '--data_dir', cfg.data_dir, '--model', cfg.model, '--device', cfg.device,
-            '--dtype', cfg.dtype, '--compile', cfg.compile, '--compile_mode', cfg.compile_mode,
-            '--img_size', cfg.img_size, '--patch_size', cfg.patch_size]
-
-
-def loop_args(cfg, batch):
-    """pretrain.py's / finetune.py's benchmark mode at this batch size."""
-    return shared_args(cfg) + ['--batch_size', batch, '--bench_steps', cfg.steps, '--bench_warmup', cfg.warmup]
-
-
 def profile(cfg):
     """Where the time of pretrain.py's real step goes: its benchmark mode under torch.profiler, the operators and
     kernels ranked by their own device time (CPU time without a GPU), written to <out_dir>/profile.txt."""
-    args = [str(a) for a in loop_args(cfg, cfg.batch_sizes.split(',')[0]) + ['--mask', cfg.mask]]
+    args = [str(a) for a in command(cfg, 'mae', cfg.batch_sizes.split(',')[0])[1]]
     cuda = torch.cuda.is_available() and cfg.device != 'cpu'
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:  # (the warm-up steps, compilation included, are in it too)
-        result = pretrain.main(args)
-    table = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=40)
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        result = pretrain.main(args)  # (the warm-up steps, compilation included, are in it too)
+    text = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=40)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    common.save_atomic(f"{result['label']} batch {result['batch_size']}: {result['images_per_s']:,.0f} images/s\n\n{table}\n",
+    common.save_atomic(f"{result['label']} batch {result['batch_size']}: {result['images_per_s']:,.0f} images/s\n\n{text}\n",
                        os.path.join(cfg.out_dir, 'profile.txt'))
-    print(table)
+    print(text)
     return 0
-
-
-def critic_checkpoint(path):
-    """A randomly initialised SqueezeNet critic in finetune.py's checkpoint format: speed does not depend on its weights."""
-    net = M.build_squeezenet(200)
-    common.save_atomic({'kind': 'finetune', 'model': net.state_dict(), 'model_config': {'num_classes': 200},
-                        'config': {'arch': 'squeezenet'}, 'step': 0}, path)
-    return path
 
 
 if __name__ == '__main__':
