@@ -33,7 +33,8 @@ def test_pretrain_step_is_one_graph(counted, tiny):
 
 
 def test_smae_step_is_one_graph(counted, tiny, tmp_path):
-    critic = bench.critic_checkpoint(str(tmp_path / 'critic.pt'))
+    args = bench.command(common.configure(vars(bench), [])[0], 'smae', 32, str(tmp_path))[1]
+    critic = args[args.index('--critic') + 1]  # the random critic bench.py's SMAE job uses
     assert pretrain.main(tiny(*RUN, '--alpha', 0.5, '--critic', critic, '--calib_batches', 1, '--knn_bank', 0)) == 0
     assert counted.frame_count == 1
 
