@@ -75,6 +75,9 @@ KIND_NAMES = {'model': 'model (visible patches pasted)', 'mean_colour_floor': 'f
 FEATURES = ('model', 'random_init_floor', 'pixel_floor')  # the three representations scored by kNN and the probe
 FEATURE_NAMES = {'model': 'model', 'random_init_floor': "floor: the run's initial (random) encoder",
                  'pixel_floor': f'floor: raw pixels at {PIXEL_FLOOR_SIZE}x{PIXEL_FLOOR_SIZE}'}
+SHORT = {'mean_colour_floor': 'mean colour', 'interpolation_floor': 'interpolation', 'random_init_floor': 'random init',
+         'pixel_floor': 'raw pixels'}  # the floors' names in a verdict
+LABEL_FONT = 14             # point size of the labels in recon.png
 
 
 # -----------------------------------------------------------------------------
@@ -87,9 +90,8 @@ def to_hwc(x):
 
 
 def image_metrics(pred01, target01):
-    """Per-image PSNR (capped at PSNR_CAP_DB) and SSIM of (N, H, W, 3) float images in [0, 1]: scikit-image's
-    peak_signal_noise_ratio and structural_similarity with data_range 1, colour as channels, and SSIM's usual
-    convention (Gaussian window sigma 1.5, population covariance: Wang et al. 2004)."""
+    """Per-image PSNR (capped at PSNR_CAP_DB) and SSIM of (N, H, W, 3) float images in [0, 1] by scikit-image, with
+    SSIM's usual convention (Gaussian window sigma 1.5, population covariance: Wang et al. 2004)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     psnr, ssim = np.empty(len(pred01)), np.empty(len(pred01))
     for i in range(len(pred01)):
@@ -150,27 +152,22 @@ def mean_colour_fill(img01, visible):
     return img01 * visible + mean * (1 - visible)
 
 
-def _blur(x, kernel):
-    """Separable depthwise blur with zero padding (outside the image counts as unknown)."""
-    C, r = x.shape[1], kernel.numel() // 2
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(C, 1, 1, 1), padding=(0, r), groups=C)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(C, 1, 1, 1), padding=(r, 0), groups=C)
-
-
 def interpolation_fill(img01, visible, sigma=1.0):
     """Masked pixels interpolated from the visible ones by normalised convolution, growing inward: each pass
     blurs the known values and the known-mask with a Gaussian (sigma, radius 2 sigma) and fills every unknown
     pixel that has a known one within reach with blur(values) / blur(mask); repeated until all are filled."""
     r = max(1, math.ceil(2 * sigma))
-    t = torch.arange(-r, r + 1, dtype=torch.float32, device=img01.device)
-    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
+    kernel = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=img01.device) ** 2 / (2 * sigma ** 2))
+    kernel, C = kernel / kernel.sum(), img01.shape[1] + 1  # C: the values and the known-mask, blurred together
+    rows, cols = kernel.view(1, 1, 1, -1).repeat(C, 1, 1, 1), kernel.view(1, 1, -1, 1).repeat(C, 1, 1, 1)
     known = visible.float().clone()
     values = img01.float() * known
     for _ in range(max(img01.shape[-2:])):  # each pass reaches r pixels further into the holes
         if bool(known.all()):
             break
-        blurred = _blur(torch.cat([values, known], dim=1), kernel)
+        # separable depthwise blur with zero padding (outside the image counts as unknown)
+        blurred = F.conv2d(torch.cat([values, known], dim=1), rows, padding=(0, r), groups=C)
+        blurred = F.conv2d(blurred, cols, padding=(r, 0), groups=C)
         num, den = blurred[:, :-1], blurred[:, -1:]
         grow = (known == 0) & (den > 1e-6)
         values = torch.where(grow, num / den.clamp_min(1e-6), values)
@@ -188,15 +185,15 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
     The masks are one draw for the whole split from a generator seeded with cfg.seed, so they depend on (seed,
     image index) only, not on the batch size. scikit-image runs in a process pool while the device computes on;
     the pool's workers end with this process, however it ends."""
-    device, mc = run.device, mae.cfg
+    device, mc, n = run.device, mae.cfg, len(split.labels)
     mae.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    noise_all = mae.masking_noise(len(split.labels), mask_ratio, masking_kind, generator=g, device=device)
+    noise_all = mae.masking_noise(n, mask_ratio, masking_kind, generator=g, device=device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     n_workers = cfg.workers or max(1, min(cores, 16) - 1)  # one core left for this process
     pool = (multiprocessing.get_context('spawn').Pool(n_workers, initializer=_pool_worker_init)  # spawn: CUDA-safe
             if n_workers > 1 else None)
-    pending, progress = collections.deque(), common.Progress('reconstruction metrics', len(split.labels), run)
+    pending, progress = collections.deque(), common.Progress('reconstruction metrics', n, run)
     sums = {kind: dict(psnr=0.0, ssim=0.0, lpips=0.0) for kind in KINDS}
     mse_sum, start = torch.zeros((), device=device, dtype=torch.float64), 0
 
@@ -206,8 +203,7 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
             sums[kind]['ssim'] += ssim
     try:
         for x, _ in data.iterate_batches(split.images, None, cfg.feature_batch, device, img_size=mc.img_size):
-            noise = noise_all[start:start + x.shape[0]]
-            start += x.shape[0]
+            noise, start = noise_all[start:start + len(x)], start + len(x)
             with run.autocast:
                 _, pred, mask = mae(x, mask_ratio, noise=noise)
             mse_sum += mae.forward_loss(x, pred, mask, on_all=False).double() * x.shape[0]
@@ -235,7 +231,6 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
         if pool is not None:
             pool.terminate()  # kills the workers now, also when an error or a signal unwinds this
             pool.join()
-    n = len(split.labels)
     out = {kind: dict(psnr=_finite(s['psnr'] / n), ssim=_finite(s['ssim'] / n),
                       lpips=_finite(s['lpips'] / n) if lpips_net is not None else None) for kind, s in sums.items()}
     out['masked_mse'] = _finite(mse_sum.item() / n)
@@ -244,27 +239,23 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
 
 def _finite(x):
     """A float for JSON, or None where it is NaN or infinite (a diverged checkpoint)."""
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-LABEL_FONT = 14
+    return float(x) if math.isfinite(x) else None
 
 
 @torch.no_grad()
 def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale=3):
-    """A PNG a person can read: one row per image, columns labelled masked input | reconstruction |
-    reconstruction with the visible patches pasted | original, each image upscaled `scale` times (nearest), and a
-    title line (what, epoch, val loss). imgs are normalised (N, 3, H, W) on the model's device; the masks are
-    fixed by `seed`, so pictures of successive epochs show the same masks."""
+    """A PNG a person can read: one row per image, labelled columns (upscaled `scale` times, nearest) and a title line.
+    imgs are normalised (N, 3, H, W) on the model's device; the masks are fixed by `seed`, so pictures of successive
+    epochs show the same masks."""
     was_training = mae.training
     mae.eval()
     g = torch.Generator(device=imgs.device).manual_seed(seed)
-    noise = mae.masking_noise(imgs.shape[0], mask_ratio, masking, generator=g, device=imgs.device)
-    _, pred, mask = mae(imgs.float(), mask_ratio, noise=noise)
-    recon, pasted = mae.reconstruct(imgs.float(), pred, mask)
+    noise = mae.masking_noise(len(imgs), mask_ratio, masking, generator=g, device=imgs.device)
+    imgs = imgs.float()
+    _, pred, mask = mae(imgs, mask_ratio, noise=noise)
+    recon, pasted = mae.reconstruct(imgs, pred, mask)
     pix_mask = mae.pixel_mask(mask)                                        # (N, 1, H, W), 1 = masked
-    orig = data.denormalize(imgs.float()).clamp(0, 1)
+    orig = data.denormalize(imgs).clamp(0, 1)
     cols = [orig * (1 - pix_mask) + 0.5 * pix_mask,                        # masked patches shown grey
             data.denormalize(recon).clamp(0, 1), data.denormalize(pasted).clamp(0, 1), orig]
     mae.train(was_training)
@@ -274,9 +265,8 @@ def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale
     canvas = Image.new('RGB', (4 * (cell + pad) + pad, top + N * (cell + pad) + pad), 'white')
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=LABEL_FONT)
     draw.text((pad, 2), f"{title} | mask {mask_ratio:g} {masking}", fill='black', font=font)
-    labels = ('masked input', 'reconstruction', 'visible pasted', 'original')
     pixels = (grid * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (N, 4, H, W, 3)
-    for c, label in enumerate(labels):
+    for c, label in enumerate(('masked input', 'reconstruction', 'visible pasted', 'original')):
         draw.text((pad + c * (cell + pad), LABEL_FONT + 8), label, fill='black', font=font)
         for r in range(N):
             tile = Image.fromarray(pixels[r, c]).resize((W * scale, cell), Image.NEAREST)
@@ -290,13 +280,13 @@ def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale
 # -----------------------------------------------------------------------------
 # representation metrics
 
+
 @torch.no_grad()
 def knn_classify(train_feats, train_labels, test_feats, test_labels, num_classes, k=20, temperature=0.07, chunk=1024):
     """DINO's weighted kNN: cosine similarity to the bank, the k nearest vote for their class with weight
     exp(sim / T), classes ranked by summed votes. -> dict(top1, top5) in percent. Chunked over the queries, so memory
     is chunk x bank. A class with no votes never counts as a hit (DINO's sort would rank such ties arbitrarily)."""
-    bank = F.normalize(train_feats.float(), dim=1)
-    queries = F.normalize(test_feats.float(), dim=1)
+    bank, queries = F.normalize(train_feats.float(), dim=1), F.normalize(test_feats.float(), dim=1)
     train_labels, test_labels = train_labels.to(bank.device), test_labels.to(bank.device)
     k, top = min(k, bank.shape[0]), min(5, num_classes)
     hits1, hits5 = 0, 0
@@ -316,9 +306,8 @@ def knn_top1(encoder, bank, queries, run, batch_size=256):
     """kNN top-1 (%) of an encoder: `bank` (a data.Split) votes for the classes of `queries`; what pretrain.py
     and dino.py log at each checkpoint. Leaves the encoder in eval mode."""
     kw = dict(batch_size=batch_size, autocast=run.autocast, progress=run)
-    bank_f, bank_y = probe.extract_features(encoder, bank.images, bank.labels, run.device, **kw)
-    query_f, query_y = probe.extract_features(encoder, queries.images, queries.labels, run.device, **kw)
-    return knn_classify(bank_f, bank_y, query_f, query_y, bank.num_classes)
+    bank_f, query_f = (probe.extract_features(encoder, s.images, s.labels, run.device, **kw) for s in (bank, queries))
+    return knn_classify(*bank_f, *query_f, bank.num_classes)
 
 
 def pixel_features(split, device, batch_size=1024):
@@ -331,16 +320,12 @@ def pixel_features(split, device, batch_size=1024):
 def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
     """kNN (and the linear probe, when probe_epochs > 0) of the model and its two floors on one dataset's
     train (bank / probe training) and val (queries / probe val) splits -> {feature kind: dict(knn=..., probe=...)}."""
-    out = {}
+    out, kw = {}, dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast, progress=run)
     for kind in FEATURES:
         t0 = time.time()
-        if kind == 'pixel_floor':
-            feats = {s: pixel_features(split, run.device) for s, split in splits.items()}
-        else:
-            net = encoder if kind == 'model' else random_encoder
-            feats = {s: probe.extract_features(net, split.images, split.labels, run.device, batch_size=cfg.feature_batch,
-                                               pool=cfg.pool, autocast=run.autocast, progress=run)
-                     for s, split in splits.items()}
+        net = {'model': encoder, 'random_init_floor': random_encoder}.get(kind)  # None: the raw-pixel floor
+        feats = {s: pixel_features(split, run.device) if net is None else
+                 probe.extract_features(net, split.images, split.labels, run.device, **kw) for s, split in splits.items()}
         knn = knn_classify(*feats['train'], *feats['val'], splits['train'].num_classes, k=cfg.knn_k,
                            temperature=cfg.knn_temperature)
         run.log(dict(event='knn', features=kind, **knn), f"kNN, {FEATURE_NAMES[kind]}: top-1 {knn['top1']:.2f}% "
@@ -371,30 +356,24 @@ def load_splits(name, cfg):
 
 def references(ck, dataset_name, mask_ratio, masking_kind):
     """The paper's and the second seed's numbers that apply to this evaluation, each with its setting."""
-    ck_cfg, mc = ck['config'], ck['model_config']
-    refs = {}
-    epochs = ck.get('epoch')
-    if dataset_name == 'tin' and masking_kind == 'random' and round(mask_ratio, 2) in PAPER_PROBE_TIN:
+    if dataset_name != 'tin':
+        return {}
+    ck_cfg, mc, epochs, refs = ck['config'], ck['model_config'], ck.get('epoch'), {}
+    if masking_kind == 'random' and round(mask_ratio, 2) in PAPER_PROBE_TIN:
         here = [ck_cfg.get('model')] if ck_cfg.get('model') != 'vit_lite' else []
         here += [f"{epochs:g} ep"] if epochs is not None and round(epochs) != 200 else []
         here += [f"SMAE alpha {ck_cfg['alpha']:g}"] if ck_cfg.get('alpha', 0) else []
         refs['linear_probe_top1'] = dict(value=PAPER_PROBE_TIN[round(mask_ratio, 2)], source=(
             f"paper: ViT-Lite-7/4, 200 ep, mask {mask_ratio:g} random" + (f"; here: {', '.join(here)}" if here else "")))
-    if dataset_name == 'tin':
-        same = (ck_cfg.get('model') == 'vit_base' and mc.get('patch_size') == 16 and abs(mask_ratio - 0.75) < 1e-9
-                and masking_kind == 'random')
-        source = "second seed: ViT-B/16, mask 0.75 random, 24 ep" if same else "second seed (ViT-B/16, different setting)"
-        refs['psnr'] = dict(value=SECOND_SEED['psnr'], source=source)
-        refs['ssim'] = dict(value=SECOND_SEED['ssim'], source=source)
+    same = (ck_cfg.get('model') == 'vit_base' and mc.get('patch_size') == 16 and abs(mask_ratio - 0.75) < 1e-9
+            and masking_kind == 'random')
+    source = "second seed: ViT-B/16, mask 0.75 random, 24 ep" if same else "second seed (ViT-B/16, different setting)"
+    refs.update({metric: dict(value=value, source=source) for metric, value in SECOND_SEED.items()})
     return refs
 
 
 def fmt(x, spec, none='unavailable'):
     return none if x is None else format(x, spec)
-
-
-SHORT = {'mean_colour_floor': 'mean colour', 'interpolation_floor': 'interpolation', 'random_init_floor': 'random init',
-         'pixel_floor': 'raw pixels'}
 
 
 def verdict(metric, value, floors):
@@ -405,10 +384,10 @@ def verdict(metric, value, floors):
 
 
 def markdown(res):
-    refs, lines = res['references'], [f"## evaluate.py: {res['checkpoint']}", "",
-                                      f"{res['model']} (img {res['img_size']}, patch {res['patch_size']}), epoch "
-                                      f"{res['epoch']:g} · {res['dataset']} val, {res['images']} images · seed {res['seed']}", ""]
-    rec = res['reconstruction']
+    refs, rec = res['references'], res['reconstruction']
+    lines = [f"## evaluate.py: {res['checkpoint']}", "",
+             f"{res['model']} (img {res['img_size']}, patch {res['patch_size']}), epoch {res['epoch']:g} · "
+             f"{res['dataset']} val, {res['images']} images · seed {res['seed']}", ""]
     if rec.get('skipped'):
         lines += [f"Reconstruction not scored: {rec['skipped']}", ""]
     else:
@@ -424,9 +403,7 @@ def markdown(res):
                     f"{refs['psnr']['value']} dB / {refs['ssim']['value']} ({refs['psnr']['source']})" if 'psnr' in refs else '']))
             lines.append(f"| {KIND_NAMES[kind]} | {fmt(m['psnr'], '.2f')} | {fmt(m['ssim'], '.4f')} | "
                          f"{fmt(m['lpips'], '.4f')} | {note} |")
-        lines += [""]
-    if not rec.get('skipped'):
-        lines += [f"Masked-patch MSE (the MAE loss, in the training target's space): {fmt(rec['masked_mse'], '.4f')}.", ""]
+        lines += ["", f"Masked-patch MSE (the MAE loss, in the training target's space): {fmt(rec['masked_mse'], '.4f')}.", ""]
     lines += ["| representation | kNN top-1 (%) | kNN top-5 (%) | linear probe top-1 (%) | reference / verdict |",
               "|---|---|---|---|---|"]
     for name, rep in res['representation'].items():
@@ -451,6 +428,7 @@ def markdown(res):
 
 
 # -----------------------------------------------------------------------------
+# the command
 
 
 def main(argv=None):
@@ -464,10 +442,9 @@ def main(argv=None):
     cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'eval')
     previous = os.path.join(cfg.out_dir, 'eval.json')
     if os.path.exists(previous):
-        try:
+        old = None
+        with contextlib.suppress(ValueError, OSError, AttributeError):
             old = json.load(open(previous)).get('checkpoint_id')
-        except (ValueError, OSError, AttributeError):
-            old = None
         if old != checkpoint_id(cfg.ckpt, ck):
             raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({old or 'unknown'}): choose "
                                    f"another --out_dir (by default each checkpoint is evaluated beside itself)")
@@ -481,60 +458,59 @@ def checkpoint_id(path, ck):
     return f"{os.path.realpath(path)} at step {ck.get('step')}"
 
 
+def reconstructions(cfg, ck, mcfg, run, val, name):
+    """Reconstruction metrics on the val split and recon.png, when the checkpoint makes pictures one can score ->
+    (metrics or dict(skipped=why), why LPIPS is missing or None, the picture's path or None)."""
+    skip = ("a dino.py checkpoint has no decoder: it does not reconstruct" if ck['kind'] == 'dino' else
+            "a norm_pix_loss model predicts per-patch normalised pixels; turning them into pixels needs each masked "
+            "patch's true mean and variance, which would leak the answer into PSNR/SSIM/LPIPS and make them "
+            "incomparable with raw-pixel models" if mcfg.norm_pix_loss else None)
+    if skip:
+        run.print(f"reconstruction not scored: {skip}")
+        return dict(skipped=skip), skip, None
+    lpips_net, lpips_reason = load_lpips(run.device) if cfg.use_lpips else (None, "LPIPS skipped (--use_lpips false)")
+    if lpips_reason:
+        run.print(lpips_reason)
+    mae = M.build_mae(mcfg)
+    try:
+        M.load_weights(mae, ck['model'], what=cfg.ckpt)
+    except ValueError as e:
+        raise common.UserError(str(e)) from None
+    mae = mae.to(run.device).eval()
+    t0 = time.time()
+    rec = reconstruction_metrics(mae, val, mcfg.mask_ratio, mcfg.masking, cfg, run, lpips_net)
+    m = rec['model']
+    run.log(dict(event='reconstruction', images=len(val.labels), seconds=round(time.time() - t0, 1), **rec),
+            f"reconstruction on {len(val.labels)} {name} val images ({time.time() - t0:.1f}s): PSNR {fmt(m['psnr'], '.2f')} dB "
+            f"SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE {fmt(rec['masked_mse'], '.4f')}")
+    pick = torch.linspace(0, len(val.labels) - 1, min(8, len(val.labels))).long()  # spread over the split
+    x8, _ = next(data.iterate_batches(val.images[pick], None, len(pick), run.device, img_size=mcfg.img_size))
+    picture = reconstruction_grid(mae, x8, mcfg.mask_ratio, mcfg.masking, cfg.seed, os.path.join(cfg.out_dir, 'recon.png'),
+                                  f"{cfg.ckpt}, epoch {ck.get('epoch', 0):g}")
+    return rec, lpips_reason, picture
+
+
 def evaluate(cfg, ck, mcfg, run):
-    t_start = time.time()
-    encoder, _ = common.load_encoder(cfg.ckpt, loaded=ck, img_size=mcfg.img_size)
-    encoder = encoder.to(run.device).eval()
+    t_start, ck_cfg = time.time(), ck['config']
+    encoder = common.load_encoder(cfg.ckpt, loaded=ck, img_size=mcfg.img_size)[0].to(run.device).eval()
     # the random-init floor is the run's own initial encoder (the seed it was trained with), which pretrain.py and
     # dino.py also log as their kNN floor at step 0
-    torch.manual_seed(ck['config'].get('seed', cfg.seed))
+    torch.manual_seed(ck_cfg.get('seed', cfg.seed))
     initial = M.build_mae(mcfg) if ck['kind'] == 'pretrain' else None  # pretrain.py built the whole MAE from the seed
     random_encoder = M.VisionTransformer(replace(encoder.cfg, num_classes=0))  # dino.py: the encoder itself
     if initial is not None:
         random_encoder.load_state_dict(M.encoder_state_dict(initial.state_dict()))
     random_encoder = random_encoder.to(run.device).eval()
-    ck_cfg = ck['config']
     name = cfg.dataset or ck_cfg.get('dataset', 'tin')
     transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None}.get(cfg.transfer_dataset, cfg.transfer_dataset)
     transfer = None if transfer == name else transfer
     run.banner({'checkpoint': f"{cfg.ckpt} ({ck['kind']}, {ck_cfg.get('model')}, epoch {ck.get('epoch', 0):g})",
-                'mask': 'none (no decoder)' if ck['kind'] == 'dino' else f"{mcfg.mask_ratio:g} {mcfg.masking}", 'dataset': name, 'transfer': transfer or 'none'})
+                'mask': 'none (no decoder)' if ck['kind'] == 'dino' else f"{mcfg.mask_ratio:g} {mcfg.masking}",
+                'dataset': name, 'transfer': transfer or 'none'})
     splits = load_splits(name, cfg)
     val = splits['val']
-
-    # 1. reconstructions and their floors on the val split, when the checkpoint makes pictures one can score
-    skip = ("a dino.py checkpoint has no decoder: it does not reconstruct" if ck['kind'] == 'dino' else
-            "a norm_pix_loss model predicts per-patch normalised pixels; turning them into pixels needs each masked "
-            "patch's true mean and variance, which would leak the answer into PSNR/SSIM/LPIPS and make them "
-            "incomparable with raw-pixel models" if mcfg.norm_pix_loss else None)
-    lpips_reason, picture = None, None
-    if skip:
-        rec = dict(skipped=skip)
-        run.print(f"reconstruction not scored: {skip}")
-    else:
-        lpips_net, lpips_reason = (None, "LPIPS skipped (--use_lpips false)")
-        if cfg.use_lpips:
-            lpips_net, lpips_reason = load_lpips(run.device)
-        if lpips_reason:
-            run.print(lpips_reason)
-        mae = M.build_mae(mcfg)
-        try:
-            M.load_weights(mae, ck['model'], what=cfg.ckpt)
-        except ValueError as e:
-            raise common.UserError(str(e)) from None
-        mae = mae.to(run.device).eval()
-        t0 = time.time()
-        rec = reconstruction_metrics(mae, val, mcfg.mask_ratio, mcfg.masking, cfg, run, lpips_net)
-        m = rec['model']
-        run.log(dict(event='reconstruction', images=len(val.labels), seconds=round(time.time() - t0, 1), **rec),
-                f"reconstruction on {len(val.labels)} {name} val images ({time.time() - t0:.1f}s): PSNR {fmt(m['psnr'], '.2f')} dB "
-                f"SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE {fmt(rec['masked_mse'], '.4f')}")
-        pick = torch.linspace(0, len(val.labels) - 1, min(8, len(val.labels))).long()  # spread over the split
-        x8, _ = next(data.iterate_batches(val.images[pick], None, len(pick), run.device, img_size=mcfg.img_size))
-        picture = reconstruction_grid(mae, x8, mcfg.mask_ratio, mcfg.masking, cfg.seed, os.path.join(cfg.out_dir, 'recon.png'),
-                                      f"{cfg.ckpt}, epoch {ck.get('epoch', 0):g}")
-        del mae
-
+    # 1. reconstructions and their floors on the val split
+    rec, lpips_reason, picture = reconstructions(cfg, ck, mcfg, run, val, name)
     # 2. representation: kNN and the linear probe beside their floors, then kNN on the transfer dataset
     reps = {name: representation(encoder, random_encoder, splits, cfg, run, cfg.probe_epochs)}
     del splits
@@ -544,13 +520,12 @@ def evaluate(cfg, ck, mcfg, run):
         except data.DataError as e:  # not on disk: say why, keep the rest of the evaluation
             reps[transfer] = dict(available=False, reason=str(e))
             run.print(f"kNN {transfer}: unavailable: {e}")
-
     # 3. eval.json and eval.md
     res = dict(checkpoint=cfg.ckpt, checkpoint_id=checkpoint_id(cfg.ckpt, ck), kind=ck['kind'],
                model=ck_cfg.get('model'), img_size=mcfg.img_size, patch_size=mcfg.patch_size, epoch=ck.get('epoch', 0),
                dataset=name, split='val', images=len(val.labels), mask=mcfg.mask_ratio, masking=mcfg.masking,
                seed=cfg.seed, psnr_cap_db=PSNR_CAP_DB, reconstruction=rec,
-               lpips=dict(available=not skip and lpips_reason is None, reason=skip or lpips_reason),
+               lpips=dict(available=lpips_reason is None, reason=lpips_reason),
                representation=reps, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature, pool=cfg.pool,
                probe_epochs=cfg.probe_epochs, references=references(ck, name, mcfg.mask_ratio, mcfg.masking),
                picture=picture, seconds=round(time.time() - t_start, 1))

@@ -10,10 +10,9 @@ autocast, no gradients) and kept on the device; the head then trains on those te
 drawn from (seed, epoch). A 50-epoch probe on TIN takes seconds on a GPU. Writes <out_dir>/results.json,
 ckpt.pt (kind 'probe': the head's weights) and log.jsonl.
 
-Under torchrun only rank 0 probes (feature extraction is cheap); the other ranks exit at once.
---resume true with more --epochs reruns an unfinished or shorter probe in its own out_dir from the start (it takes
-seconds, so there is nothing worth continuing); a finished probe is never rewritten, and an out_dir holding any
-other checkpoint is refused.
+Under torchrun only rank 0 probes (feature extraction is cheap); the other ranks exit at once. --resume true with
+more --epochs reruns an unfinished or shorter probe in its own out_dir from the start (it takes seconds, so there is
+nothing worth continuing); a finished probe is never rewritten, and an out_dir holding any other checkpoint is refused.
 
 The functions extract_features, train_linear_head and accuracy are public: evaluate.py calls them.
 """
@@ -67,16 +66,13 @@ CHECKS = [(lambda c: c.ckpt, "probe.py needs --ckpt: the pretrain.py checkpoint 
 @torch.no_grad()
 def extract_features(encoder, images_uint8, labels, device, batch_size=512, img_size=None, pool='cls',
                      autocast=contextlib.nullcontext(), progress=None):
-    """Frozen features of uint8 images (N, 3, 64, 64): (features float32 (N, D) on device, labels int64 on device,
-    or None if labels is None). The encoder is put in eval() mode; img_size None = encoder.cfg.img_size.
-    progress: a common.Run to print progress on during long extractions."""
+    """Frozen features (eval() mode) of uint8 images (N, 3, 64, 64) -> (float32 (N, D), int64 labels or None), on
+    device; img_size None = encoder.cfg.img_size; progress: a common.Run to print progress on in long extractions."""
     encoder.eval()
-    img_size = img_size or encoder.cfg.img_size
     feats, ys, meter = [], [], common.Progress('features', len(images_uint8), progress)
-    for x, y in data.iterate_batches(images_uint8, labels, batch_size, device, img_size=img_size):
+    for x, y in data.iterate_batches(images_uint8, labels, batch_size, device, img_size=img_size or encoder.cfg.img_size):
         with autocast:
-            f = encoder.forward_features(x, pool=pool)
-        feats.append(f.float())
+            feats.append(encoder.forward_features(x, pool=pool).float())
         ys.append(y)
         meter.update(sum(len(f) for f in feats))
     if not feats:
@@ -98,38 +94,34 @@ def make_head(dim, num_classes, seed=0):
 
 
 @torch.no_grad()
-def _eval_head(head, feats, labels, chunk=8192):
+def _eval_head(head, feats, labels, chunk=8192, **record):
+    """record + top1, top5 and val_loss of the head (put in eval mode) on the val features."""
     head.eval()
     logits = torch.cat([head(feats[i:i + chunk]) for i in range(0, len(feats), chunk)])
     top1, top5 = accuracy(logits, labels)
-    return top1, top5, F.cross_entropy(logits, labels).item()
+    return dict(record, top1=top1, top5=top5, val_loss=F.cross_entropy(logits, labels).item())
 
 
 def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_classes, *, epochs=50, warmup_epochs=2,
                       batch_size=128, lr=1e-3, betas=(0.9, 0.95), seed=0, log=None):
-    """Train BatchNorm + Linear on fixed features with Adam (no weight decay), per-step warmup + cosine, in float32
-    on the features' device. lr is the peak learning rate as given (callers apply the batch scaling rule).
-    Batches are drawn without replacement from a permutation seeded by (seed, epoch); the last partial batch is
-    dropped (as in training), unless the features are fewer than one batch.
-    Evaluates on the val features after every epoch. log: optional callable(record, line) called once per epoch.
-    -> dict(top1, top5 (% after the last epoch), best_top1, best_epoch, history=[dict(epoch, loss, lr, top1, top5,
-    val_loss)], head=the trained head in eval mode)."""
-    device = train_feats.device
-    n, dim = train_feats.shape
+    """Train BatchNorm + Linear on fixed features with Adam (no weight decay), per-step warmup + cosine, in float32 on
+    the features' device. lr is the peak learning rate as given (callers apply the batch scaling rule). Batches are
+    drawn without replacement from a permutation seeded by (seed, epoch); the last partial batch is dropped (as in
+    training), unless the features are fewer than one batch. Evaluates on the val features after every epoch.
+    log: optional callable(record, line) called once per epoch. -> dict(top1, top5 (% after the last epoch), best_top1,
+    best_epoch, history=[dict(epoch, loss, lr, top1, top5, val_loss)], head=the trained head in eval mode)."""
+    (n, dim), device = train_feats.shape, train_feats.device
     head = make_head(dim, num_classes, seed).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, betas=betas)
     steps_per_epoch = max(1, n // batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-    gen = torch.Generator(device=device)
-    history = []
-    step = 0
+    gen, history, step = torch.Generator(device=device), [], 0
     for epoch in range(epochs):
         head.train()
         perm = torch.randperm(n, generator=gen.manual_seed(data.seed_for(seed, epoch)), device=device)
         loss_sum = torch.zeros((), device=device)
         for i in range(steps_per_epoch):
-            lr_now = common.get_lr(step, total_steps, warmup_steps, lr)
-            optimizer.param_groups[0]['lr'] = lr_now
+            optimizer.param_groups[0]['lr'] = lr_now = common.get_lr(step, total_steps, warmup_steps, lr)
             idx = perm[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(head(train_feats[idx]), train_labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -137,20 +129,15 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
             optimizer.step()
             loss_sum += loss.detach()
             step += 1
-        top1, top5, val_loss = _eval_head(head, val_feats, val_labels)
-        rec = dict(epoch=epoch + 1, loss=loss_sum.item() / steps_per_epoch, lr=lr_now, top1=top1, top5=top5,
-                   val_loss=val_loss)
+        rec = _eval_head(head, val_feats, val_labels, epoch=epoch + 1, loss=loss_sum.item() / steps_per_epoch, lr=lr_now)
         history.append(rec)
         if log is not None:
             log(dict(event='probe', **rec), f"epoch {epoch + 1:4d}/{epochs} | loss {rec['loss']:.4f} | lr {lr_now:.2e} | "
-                                             f"val top-1 {top1:.2f}% | top-5 {top5:.2f}% | val loss {val_loss:.4f}")
-    head.eval()
-    if not history:  # epochs = 0: the untrained head
-        top1, top5, val_loss = _eval_head(head, val_feats, val_labels)
-        history.append(dict(epoch=0, loss=None, lr=0.0, top1=top1, top5=top5, val_loss=val_loss))
-    best = max(history, key=lambda r: r['top1'])
-    return dict(top1=history[-1]['top1'], top5=history[-1]['top5'], best_top1=best['top1'], best_epoch=best['epoch'],
-                history=history, head=head)
+                f"val top-1 {rec['top1']:.2f}% | top-5 {rec['top5']:.2f}% | val loss {rec['val_loss']:.4f}")
+    history = history or [_eval_head(head, val_feats, val_labels, epoch=0, loss=None, lr=0.0)]  # epochs 0: untrained
+    last, best = history[-1], max(history, key=lambda r: r['top1'])
+    return dict(top1=last['top1'], top5=last['top5'], best_top1=best['top1'], best_epoch=best['epoch'], history=history,
+                head=head)
 
 
 def main(argv=None):
@@ -164,24 +151,20 @@ def main(argv=None):
 
 
 def probe(cfg, given, pre, run):
-    t_start = time.time()
-    device = run.device
-    encoder, _ = common.load_encoder(cfg.ckpt, expect_model=cfg.model if 'model' in given else None, loaded=pre,
-                                     img_size=cfg.img_size or None)
+    t_start, device = time.time(), run.device
+    encoder = common.load_encoder(cfg.ckpt, expect_model=cfg.model if 'model' in given else None, loaded=pre,
+                                  img_size=cfg.img_size or None)[0].to(device).requires_grad_(False)
     cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually probed
-    encoder = encoder.to(device).requires_grad_(False)
     train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
     val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
-    num_classes = train_split.num_classes
-    peak_lr = cfg.lr * cfg.batch_size / 128
+    num_classes, peak_lr = train_split.num_classes, cfg.lr * cfg.batch_size / 128
     run.banner({'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)",
                 'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)", 'classes': num_classes,
                 'train images': len(train_split.labels), 'val images': len(val_split.labels), 'peak lr': f"{peak_lr:.3g}"})
-
     t0 = time.time()
     kw = dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast, progress=run)
-    train_f, train_y = extract_features(encoder, train_split.images, train_split.labels, device, **kw)
-    val_f, val_y = extract_features(encoder, val_split.images, val_split.labels, device, **kw)
+    (train_f, train_y), (val_f, val_y) = (extract_features(encoder, s.images, s.labels, device, **kw)
+                                          for s in (train_split, val_split))
     feature_s = time.time() - t0  # (extract_features' .float() results are read back below: no sync needed here)
     run.log(dict(event='features', train=len(train_f), val=len(val_f), dim=train_f.shape[1], seconds=feature_s),
             f"features: {len(train_f)} train + {len(val_f)} val of dim {train_f.shape[1]} ({cfg.pool}) in {feature_s:.1f}s")
@@ -197,11 +180,10 @@ def probe(cfg, given, pre, run):
                         'config': vars(cfg), 'encoder_ckpt': cfg.ckpt, 'pool': cfg.pool, 'num_classes': num_classes,
                         'step': cfg.epochs, 'epoch': cfg.epochs, 'top1': out['top1'], 'top5': out['top5'],
                         'classes': list(train_split.classes)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
-    results = dict(top1=out['top1'], top5=out['top5'], best_top1=out['best_top1'], best_epoch=out['best_epoch'],
-                   epoch=cfg.epochs, dataset=cfg.dataset, model=cfg.model, ckpt=cfg.ckpt, pool=cfg.pool,
-                   num_classes=num_classes, train_images=len(train_f), val_images=len(val_f), peak_lr=peak_lr,
-                   feature_s=round(feature_s, 2), head_s=round(head_s, 2), wall_s=round(wall_s, 1),
-                   history=out['history'], config=vars(cfg))
+    results = dict({k: out[k] for k in ('top1', 'top5', 'best_top1', 'best_epoch')}, epoch=cfg.epochs,
+                   dataset=cfg.dataset, model=cfg.model, ckpt=cfg.ckpt, pool=cfg.pool, num_classes=num_classes,
+                   train_images=len(train_f), val_images=len(val_f), peak_lr=peak_lr, feature_s=round(feature_s, 2),
+                   head_s=round(head_s, 2), wall_s=round(wall_s, 1), history=out['history'], config=vars(cfg))
     common.save_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
     run.print(f"done in {wall_s:.1f}s (features {feature_s:.1f}s, head {head_s:.1f}s): linear probe val top-1 "
               f"{out['top1']:.2f}% top-5 {out['top5']:.2f}% (best top-1 {out['best_top1']:.2f}% at epoch "
