@@ -2,6 +2,7 @@
 without cycles (data.py at the bottom), and the rule that picks torch.compile's mode keeps CUDA graphs away from
 the cases where they would corrupt gradients."""
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -108,3 +109,22 @@ def test_the_loops_free_gradients_after_each_step(tiny, monkeypatch):
     monkeypatch.setattr(torch.optim.Optimizer, 'zero_grad', zero_grad)
     assert pretrain.main(tiny('--bench_steps', 3, '--bench_warmup', 0))['images_per_s'] > 0
     assert calls == [True] * 3
+
+
+def test_every_name_used_from_our_modules_exists():
+    """Every `module.name` that a script or a test reads from one of our modules exists there. The CUDA tests skip
+    on a CPU, so without this a renamed function would first fail on a GPU, in the few minutes a session has one."""
+    files = [os.path.join(ROOT, m + '.py') for m in sorted(OURS)]
+    files += [os.path.join(ROOT, 'tests', f) for f in sorted(os.listdir(os.path.join(ROOT, 'tests'))) if f.endswith('.py')]
+    missing = []
+    for path in files:
+        tree = ast.parse(open(path).read())
+        aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name in OURS}  # `import model as M` -> {'M': 'model'}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and isinstance(node.ctx, ast.Load):
+                module = importlib.import_module(aliases[node.value.id])
+                if not hasattr(module, node.attr):
+                    missing.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {aliases[node.value.id]}.{node.attr}")
+    assert not missing, missing

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import common
 import evaluate
 import finetune
 import model as M
@@ -83,7 +84,8 @@ def test_finetune_probe_evaluate_on_cuda(tmp_path, pre):
 
 
 def test_smae_on_cuda(tmp_path):
-    critic = bench.critic_checkpoint(str(tmp_path / 'critic.pt'))
+    args = bench.command(common.configure(vars(bench), [])[0], 'smae', 32, str(tmp_path))[1]
+    critic = args[args.index('--critic') + 1]  # the random critic bench.py's SMAE job uses
     assert pretrain.main(DEMO + ['--epochs', '1', '--alpha', '0.5', '--critic', critic,
                                  '--out_dir', str(tmp_path / 'smae')]) == 0
     assert log(tmp_path / 'smae', 'calibration')[0]['c'] > 0
