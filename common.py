@@ -43,12 +43,9 @@ def cli(main):
     script = os.path.basename(sys.argv[0])
     try:
         code = main(sys.argv[1:])
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, NonFiniteLoss) as e:
         print(f"{script}: error: {e}", file=sys.stderr)
-        code = 2
-    except NonFiniteLoss as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
-        code = 1
+        code = 1 if isinstance(e, NonFiniteLoss) else 2
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise  # a bug: the traceback is what a bug report needs
@@ -65,10 +62,8 @@ def cli(main):
 # configuration: the constants at the top of a script, overridden by --name value / --name=value
 
 def _number(lo=None, hi=None, lo_open=False, hi_open=False):
-    def ok(v):
-        return (math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
-                and (hi is None or (v < hi if hi_open else v <= hi)))
-    return ok
+    return lambda v: (math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
+                      and (hi is None or (v < hi if hi_open else v <= hi)))
 
 
 def _choice(*options):
@@ -132,7 +127,8 @@ def _convert(name, text, default):
 
 def help_text(namespace):
     """The script's docstring and its constants block, each as `--name default  # comment` (the --help page)."""
-    lines, names = [namespace.get('__doc__', '').strip(), '', 'options (--name value or --name=value):'], defaults(namespace)
+    names = defaults(namespace)
+    lines = [namespace.get('__doc__', '').strip(), '', 'options (--name value or --name=value):']
     for line in open(namespace['__file__']).read().splitlines():
         name = line.split('=')[0].strip()
         if name in names and line.startswith(name + ' ') and '#' in line:
@@ -150,9 +146,8 @@ def configure(namespace, argv, checks=()):
     """The script's constants with `--name value` / `--name=value` overrides applied and every value checked
     (RULES, then the script's own `checks` between values: (test(cfg), message with {name} fields)).
     Returns (config namespace, set of the names given). --help / -h prints the constants and exits 0."""
-    known, config, given = defaults(namespace), {}, set()
-    config.update(known)
-    argv = list(argv or [])
+    known, given = defaults(namespace), set()
+    config, argv = dict(known), list(argv or [])
     if any(a in ('-h', '--help') for a in argv):
         try:
             print(help_text(namespace), flush=True)
@@ -176,10 +171,9 @@ def configure(namespace, argv, checks=()):
         config[name] = _convert(name, text, known[name])
         given.add(name)
     for name, value in config.items():
-        ok, allowed = RULES.get(name, (None, None))
-        sentinel = value == known[name] and known[name] in ('', 0)
-        if ok is not None and not sentinel and not ok(value):
-            raise UserError(f"--{name} must be {allowed}, got {value!r}")
+        sentinel = value == known[name] and known[name] in ('', 0)  # always accepted (see RULES)
+        if name in RULES and not sentinel and not RULES[name][0](value):
+            raise UserError(f"--{name} must be {RULES[name][1]}, got {value!r}")
     if 'warmup_epochs' in given and 'epochs' in config and config['warmup_epochs'] >= config['epochs']:
         raise UserError(f"--warmup_epochs {config['warmup_epochs']} is not shorter than --epochs {config['epochs']}: the lr "
                         f"would never reach its peak; choose fewer warm-up epochs")
@@ -193,7 +187,6 @@ def configure(namespace, argv, checks=()):
 # -----------------------------------------------------------------------------
 # the process: torchrun, device, precision, out_dir lock, stop signals
 
-
 class Run:
     """What a script needs to know about its process; a context manager that undoes its setup on exit.
     torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process."""
@@ -205,14 +198,12 @@ class Run:
         want = ('cuda' if torch.cuda.is_available() else 'cpu') if want == 'auto' else want
         if want.startswith('cuda') and not torch.cuda.is_available():
             raise UserError(f"--device {want} asked for, but no CUDA device is available: use --device cpu")
-        self.rank, self.local_rank, self.world_size = 0, 0, 1
-        if self.ddp:
-            self.rank, self.local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
-            self.world_size = int(os.environ['WORLD_SIZE'])
+        self.rank, self.local_rank, self.world_size = (
+            [int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')] if self.ddp else (0, 0, 1))
         self.device = torch.device(f'cuda:{self.local_rank}' if self.ddp and want.startswith('cuda') else want)
-        if self.device.type == 'cuda' and self.device.index is not None and self.device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         self.master, self.cuda = self.rank == 0, self.device.type == 'cuda'
+        if self.cuda and self.device.index is not None and self.device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         # precision: bf16 autocast by default on CUDA; fp16 adds a GradScaler; the CPU runs float32
         self.dtype = getattr(cfg, 'dtype', 'float32') if self.cuda else 'float32'
         self.autocast = (torch.autocast('cuda', dtype=getattr(torch, self.dtype)) if self.dtype != 'float32'
@@ -253,14 +244,12 @@ class Run:
             print(*a, flush=True)
 
     def log(self, record, line=None):
-        """One record in <out_dir>/log.jsonl (not in a benchmark, which writes no files) and, if given, a line on
-        stdout (rank 0 only)."""
-        if self.master:
-            if line:
-                print(line, flush=True)
-            if self.lock:
-                with open(os.path.join(self.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(record) + '\n')
+        """Rank 0: the line (if any) on stdout and the record in <out_dir>/log.jsonl (a benchmark writes no files)."""
+        if line:
+            self.print(line)
+        if self.master and self.lock:
+            with open(os.path.join(self.out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
 
     def mean(self, value):
         """A float averaged over ranks (a host sync: call it at log points, not every step)."""
@@ -293,10 +282,9 @@ def lock_out_dir(out_dir, script):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        try:
+        holder = ''
+        with contextlib.suppress(OSError):
             holder = open(os.path.join(out_dir, '.lock')).read().strip()
-        except OSError:
-            holder = ''
         raise UserError(f"out_dir {out_dir} is in use by {holder or 'another run'}: wait for it or choose another "
                         f"--out_dir") from None
     try:
@@ -337,7 +325,6 @@ def compile_mode(cfg, run):
 
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, safe loads, resume
-
 
 def save_atomic(obj, path):
     """torch.save (or text) to a temporary file in the same directory, fsync, then rename: never a half-written
@@ -458,7 +445,6 @@ def set_rng_state(state):
 # -----------------------------------------------------------------------------
 # shared formulas
 
-
 def get_lr(step, total_steps, warmup_steps, lr, min_lr=0.0):
     """Linear warmup from 0, then half-cosine to min_lr (the official MAE schedule, per step)."""
     if step < warmup_steps:
@@ -499,9 +485,9 @@ def peak_flops(run):
 
 def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05):
     """--warmup_epochs in steps. A warm-up as long as the run would never reach the peak lr: given explicitly it is
-    refused (by configure); left at the recipe's default (e.g. 20 epochs with --epochs 3) it is clipped to `fraction` of the run,
-    about what the recipes use, with a line that says so."""
-    if cfg.warmup_epochs < cfg.epochs or 'warmup_epochs' in given:  # (a given one that is too long: refused by configure)
+    refused (by configure); left at the recipe's default (e.g. 20 epochs with --epochs 3) it is clipped to
+    `fraction` of the run, about what the recipes use, with a line that says so."""
+    if cfg.warmup_epochs < cfg.epochs or 'warmup_epochs' in given:
         return cfg.warmup_epochs * steps_per_epoch
     steps = round(fraction * cfg.epochs * steps_per_epoch)
     run.print(f"warmup: the recipe's {cfg.warmup_epochs} warm-up epochs do not fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}; "
