@@ -61,6 +61,7 @@ def cli(main):
 # -----------------------------------------------------------------------------
 # configuration: the constants at the top of a script, overridden by --name value / --name=value
 
+
 def _number(lo=None, hi=None, lo_open=False, hi_open=False):
     return lambda v: (math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo))
                       and (hi is None or (v < hi if hi_open else v <= hi)))
@@ -186,6 +187,7 @@ def configure(namespace, argv, checks=()):
 
 # -----------------------------------------------------------------------------
 # the process: torchrun, device, precision, out_dir lock, stop signals
+
 
 class Run:
     """What a script needs to know about its process; a context manager that undoes its setup on exit.
@@ -326,6 +328,7 @@ def compile_mode(cfg, run):
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, safe loads, resume
 
+
 def save_atomic(obj, path):
     """torch.save (or text) to a temporary file in the same directory, fsync, then rename: never a half-written
     file. A full disk is one line that says the previous file is intact."""
@@ -444,6 +447,7 @@ def set_rng_state(state):
 
 # -----------------------------------------------------------------------------
 # shared formulas
+
 
 def get_lr(step, total_steps, warmup_steps, lr, min_lr=0.0):
     """Linear warmup from 0, then half-cosine to min_lr (the official MAE schedule, per step)."""
