@@ -315,6 +315,13 @@ def subset(split, n, seed):
     idx = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return Split(split.images[idx], split.labels[idx], split.classes)
 
+
+def spread(split, n):
+    """n images of a Split spread evenly over it, first and last included (every class, as splits are in class or
+    file order): fixed val images for pictures, val losses and kNN queries."""
+    idx = torch.linspace(0, len(split.labels) - 1, min(n, len(split.labels))).long()
+    return Split(split.images[idx], split.labels[idx], split.classes)
+
 # -----------------------------------------------------------------------------
 # download and safe extraction
 
@@ -503,19 +510,27 @@ def _const(device, values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _warp(x, theta, padding_mode, mode='bilinear'):
-    """Per-sample affine warp; theta (N, 2, 3) maps output to input coordinates in [-1, 1]."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+def _warp(x, theta, padding_mode, mode='bilinear', size=None):
+    """Per-sample affine warp to size x size (default: x's size); theta (N, 2, 3) maps output to input coordinates
+    in [-1, 1]."""
+    N, C, H, W = x.shape
+    grid = F.affine_grid(theta, [N, C, size or H, size or W], align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
-def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=None, hflip=0.0):
-    """torchvision's RandomResizedCrop drawn per sample (10 tries, else the whole image), resampled bilinearly,
-    then mirrored with probability hflip (within the same resampling: one rand call and one grid_sample).
+RRC_TRIES = 10  # RandomResizedCrop's attempts before it falls back to the whole image
+
+
+def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=None, hflip=0.0, u=None, size=None,
+                        mode='bilinear'):
+    """torchvision's RandomResizedCrop drawn per sample (RRC_TRIES tries, else the whole image), resampled (`mode`) to
+    size x size (default: x's size), then mirrored with probability hflip (within the same resampling: one rand call
+    and one grid_sample). u: the per-sample uniforms (N, 2 * RRC_TRIES + 3) when the caller draws them (dino.py).
     Unlike torchvision, crop size and position are continuous rather than whole pixels."""
     N, _, H, W = x.shape
-    tries = 10
-    u = _rand((N, 2 * tries + 3), x, generator)  # per sample: tries areas, tries ratios, centre x, y, flip
+    tries = RRC_TRIES
+    # per sample: tries areas, tries ratios, centre x, y, flip
+    u = _rand((N, 2 * tries + 3), x, generator) if u is None else u
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :tries])  # (N, tries) in pixels
     r = (math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, tries:2 * tries]).exp()
     w, h = (area * r).sqrt(), (area / r).sqrt()
@@ -529,7 +544,7 @@ def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=Non
     sx = torch.where(pos[:, 2] < 2 * hflip - 1, -sw, sw)  # mirroring = negating the x scale
     zero = torch.zeros_like(sw)
     theta = torch.stack([sx, zero, tx, zero, sh, ty], 1).view(N, 2, 3)  # (N, 6) -> (N, 2, 3)
-    return _warp(x, theta, 'border')
+    return _warp(x, theta, 'border', mode=mode, size=size)
 
 
 def _gray(x):  # (N, 1, H, W), ITU-R 601-2 luma as in torchvision

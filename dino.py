@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import data
@@ -111,8 +110,6 @@ FIXED_ON_RESUME = ('model', 'img_size', 'patch_size', 'out_dim', 'head_hidden', 
 # the views: DINO's multi-crop augmentation, on the device, each sample with its own draws
 
 VIEW_STREAM = 7                 # seed_for(seed, VIEW_STREAM, step) seeds the views (others: 1 masks, 2 calibration, 4 drop path)
-CROP_TRIES = 10                 # RandomResizedCrop's attempts before it falls back to the whole image
-CROP_RATIO = (3 / 4, 4 / 3)     # RandomResizedCrop's aspect-ratio range
 JITTER = (0.4, 0.4, 0.2, 0.1)   # ColorJitter strengths: brightness, contrast, saturation, hue
 JITTER_P, GRAY_P = 0.8, 0.2     # probabilities of the colour jitter and of grayscale
 BLUR_P = (1.0, 0.1, 0.5)        # Gaussian blur probability: first global view, second global view, local views
@@ -121,27 +118,7 @@ BLUR_SIGMA = (0.1, 2.0)         # blur sigma range in pixels of the view (PIL's 
 BLUR_RADIUS = 6                 # blur kernel half-width: 3 sigma at the largest sigma
 GRAY = (0.2989, 0.587, 0.114)   # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # RGB -> YIQ (NTSC)
-U_SIZES = (2 * CROP_TRIES + 3, 9, 1, 2, 1)  # uniforms per view: crop, colour jitter, grayscale, blur, solarisation
-
-
-def random_resized_crop(x, u, size, scale):
-    """torchvision's RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip from uniforms u (N, 23), as
-    data.random_resized_crop with the draws given: the first of CROP_TRIES boxes that fits, else the whole image.
-    x (N, 3, H, W) in [0, 1] -> (N, 3, size, size) in [0, 1]."""
-    (N, _, H, W), t = x.shape, CROP_TRIES
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :t])  # (N, tries) in pixels
-    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    r = (lo + (hi - lo) * u[:, t:2 * t]).exp()
-    w, h = (area * r).sqrt(), (area / r).sqrt()
-    ok = (w <= W) & (h <= H)
-    first, fits = ok.byte().argmax(1, keepdim=True), ok.any(1)  # the first try that fits, if any
-    sw, sh = (torch.where(fits, v.gather(1, first)[:, 0] / side, 1.0) for v, side in ((w, W), (h, H)))  # crop / image
-    cx, cy, flip = (2 * u[:, 2 * t:] - 1).unbind(1)  # each (N,) in [-1, 1]
-    sx = torch.where(flip < 0, -sw, sw)  # mirrored with probability 0.5: a negative x scale
-    zero = torch.zeros_like(sw)
-    theta = torch.stack([sx, zero, (1 - sw) * cx, zero, sh, (1 - sh) * cy], 1).view(N, 2, 3)  # (N, 6) -> (N, 2, 3)
-    grid = F.affine_grid(theta, [N, 3, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False).clamp(0, 1)
+U_SIZES = (2 * data.RRC_TRIES + 3, 9, 1, 2, 1)  # uniforms per view: crop, colour jitter, grayscale, blur, solarisation
 
 
 def colour_jitter(x, u, gray, yiq, yiq_inv):
@@ -218,7 +195,8 @@ class Views:
     def augment(self, x, u, size, scale, p):
         """x (N, 3, H, W) in [0, 1], u (N, U) uniforms, p (N, 2) blur and solarisation probabilities -> (N, 3, size, size)."""
         crop_u, jitter_u, gray_u, blur_u, solarize_u = u.split(U_SIZES, 1)
-        x = random_resized_crop(x, crop_u, size, scale)
+        # torchvision's RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip, from this view's draws
+        x = data.random_resized_crop(x, scale, hflip=0.5, u=crop_u, size=size, mode='bicubic').clamp(0, 1)
         x = colour_jitter(x, jitter_u, self.gray, self.yiq, self.yiq_inv)
         luma = torch.einsum('c,nchw->nhw', self.gray, x).unsqueeze(1).expand_as(x)
         x = torch.where((gray_u < GRAY_P).view(-1, 1, 1, 1), luma, x)  # RandomGrayscale: the luma in all three channels
@@ -360,15 +338,11 @@ def clip_per_tensor(params, clip):
 
 
 def flops_per_image(dino, img_size, local_size, n_local, device):
-    """Training FLOPs per source image, counted by torch's FlopCounterMode on one forward of each network: the
-    student on every view (x3 for forward + backward), the teacher on the two global views."""
+    """Training FLOPs per source image, counted on one forward of each network: the student on every view (x3 for
+    forward + backward), the teacher on the two global views."""
     g = torch.zeros(2, 3, img_size, img_size, device=device)
     local = torch.zeros(n_local, 3, local_size, local_size, device=device) if n_local else None
-    def count(net, *views):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(*views)
-        return counter.get_total_flops()
-    return 3 * count(dino.student, g, local) + count(dino.teacher, g)
+    return 3 * M.forward_flops(dino.student, g, local) + M.forward_flops(dino.teacher, g)
 
 # -----------------------------------------------------------------------------
 
@@ -421,9 +395,7 @@ def train(cfg, given, ck, mcfg, run):
 
     # fixed val images (spread over the split, all classes) as the kNN queries, a fixed train subset as the bank
     if not cfg.bench_steps:
-        val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
-        pick = torch.linspace(0, len(val_split.labels) - 1, min(cfg.val_images, len(val_split.labels))).long()
-        val_split = data.Split(val_split.images[pick], val_split.labels[pick], val_split.classes)
+        val_split = data.spread(data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download), cfg.val_images)
         knn_split = data.subset(train_split, cfg.knn_bank, cfg.seed)
 
     n_student, n_enc = (sum(p.numel() for p in net.parameters()) for net in (student, student.encoder))

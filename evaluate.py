@@ -483,8 +483,8 @@ def reconstructions(cfg, ck, mcfg, run, val, name):
     run.log(dict(event='reconstruction', images=len(val.labels), seconds=round(time.time() - t0, 1), **rec),
             f"reconstruction on {len(val.labels)} {name} val images ({time.time() - t0:.1f}s): PSNR {fmt(m['psnr'], '.2f')} dB "
             f"SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE {fmt(rec['masked_mse'], '.4f')}")
-    pick = torch.linspace(0, len(val.labels) - 1, min(8, len(val.labels))).long()  # spread over the split
-    x8, _ = next(data.iterate_batches(val.images[pick], None, len(pick), run.device, img_size=mcfg.img_size))
+    eight = data.spread(val, 8)
+    x8, _ = next(data.iterate_batches(eight.images, None, len(eight.labels), run.device, img_size=mcfg.img_size))
     picture = reconstruction_grid(mae, x8, mcfg.mask_ratio, mcfg.masking, cfg.seed, os.path.join(cfg.out_dir, 'recon.png'),
                                   f"{cfg.ckpt}, epoch {ck.get('epoch', 0):g}")
     return rec, lpips_reason, picture

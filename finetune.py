@@ -209,7 +209,7 @@ def train(cfg, given, ck, pre, run):
     val_split = None if cfg.bench_steps else data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
 
     net.eval()  # FLOPs of one forward (no dropout draws), x3 for forward + backward
-    flops = (M.conv_flops(net, (1, 3, img_size, img_size)) * 3 if cfg.arch == 'squeezenet'
+    flops = (M.forward_flops(net, torch.zeros(1, 3, img_size, img_size, device=device)) * 3 if cfg.arch == 'squeezenet'
              else M.flops_per_image(net.cfg, mask_ratio=None))
     net.train()
     run.banner({'arch': cfg.arch if cfg.arch == 'squeezenet' else f"{cfg.model} {img_size}px", 'init': init,

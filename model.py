@@ -516,10 +516,10 @@ def flops_per_image(cfg: ViTConfig, mask_ratio=None, train=True):
     return 3 * f if train else f
 
 
-def conv_flops(module, shape):
-    """Forward FLOPs (2 per multiply-add) of `module` on one input of `shape`, counted by torch's FlopCounterMode."""
+def forward_flops(module, *inputs):
+    """Forward FLOPs (2 per multiply-add) of `module(*inputs)`, counted by torch's FlopCounterMode."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(torch.zeros(shape, device=next(module.parameters()).device))
+        module(*inputs)
     return counter.get_total_flops()
 
 
@@ -595,4 +595,5 @@ class MAEObjective(nn.Module):
         if not self.smae:
             return 0
         cfg = self.mae.cfg
-        return 4 * conv_flops(self.critic, (1, cfg.in_chans, cfg.img_size, cfg.img_size))
+        image = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=self.c.device)
+        return 4 * forward_flops(self.critic, image)

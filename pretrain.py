@@ -176,10 +176,8 @@ def train(cfg, given, ck, mcfg, critic, run):
 
     # fixed val images (spread over the split, all classes) for pictures, the val loss and the kNN queries
     if not cfg.bench_steps:
-        val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
-        pick = torch.linspace(0, len(val_split.labels) - 1, min(cfg.val_images, len(val_split.labels))).long()
-        val_split = data.Split(val_split.images[pick], val_split.labels[pick], val_split.classes)
-        val_x = next(data.iterate_batches(val_split.images, None, len(pick), device, img_size=mcfg.img_size))[0]
+        val_split = data.spread(data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download), cfg.val_images)
+        val_x = next(data.iterate_batches(val_split.images, None, len(val_split.labels), device, img_size=mcfg.img_size))[0]
         knn_split = data.subset(train_split, cfg.knn_bank, cfg.seed)
 
     n_params = sum(p.numel() for p in mae.parameters())

@@ -170,9 +170,9 @@ def test_views_differ_per_sample_and_reproduce_from_seed_and_step():
     assert torch.equal(part[1], loc.view(2, 8, 3, 16, 16)[:, rows].flatten(0, 1))
     # without jitter, blur, grayscale and solarisation, a whole-image unflipped crop is the image
     u0 = torch.full((1, 1, sum(dino.U_SIZES)), 0.99)
-    u0[..., 2 * dino.CROP_TRIES:2 * dino.CROP_TRIES + 2] = 0.5  # centred
-    u0[..., :dino.CROP_TRIES] = 1.0  # the whole area (ratio 4/3 does not fit, ratio ~1 does: the first try fits)
-    u0[..., dino.CROP_TRIES:2 * dino.CROP_TRIES] = 0.5
+    u0[..., 2 * data.RRC_TRIES:2 * data.RRC_TRIES + 2] = 0.5  # centred
+    u0[..., :data.RRC_TRIES] = 1.0  # the whole area (ratio 4/3 does not fit, ratio ~1 does: the first try fits)
+    u0[..., data.RRC_TRIES:2 * data.RRC_TRIES] = 0.5
     same = views.augment(x[:1], u0[0], 32, (1.0, 1.0), torch.zeros(1, 2))
     assert torch.allclose(data.denormalize(same), x[:1], atol=1e-5)
 
