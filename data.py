@@ -547,8 +547,11 @@ def random_resized_crop(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=Non
     return _warp(x, theta, 'border', mode=mode, size=size)
 
 
-def _gray(x):  # (N, 1, H, W), ITU-R 601-2 luma as in torchvision
-    return (x * _const(x.device, (0.2989, 0.587, 0.114)).view(1, 3, 1, 1)).sum(1, keepdim=True)
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma weights of R, G, B, as torchvision's rgb_to_grayscale
+
+
+def _gray(x):  # (N, 1, H, W)
+    return (x * _const(x.device, LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _smooth_delta(x):

@@ -116,7 +116,6 @@ BLUR_P = (1.0, 0.1, 0.5)        # Gaussian blur probability: first global view, 
 SOLARIZE_P = (0.0, 0.2, 0.0)    # solarisation probability: the same three
 BLUR_SIGMA = (0.1, 2.0)         # blur sigma range in pixels of the view (PIL's radius in DINO's GaussianBlur)
 BLUR_RADIUS = 6                 # blur kernel half-width: 3 sigma at the largest sigma
-GRAY = (0.2989, 0.587, 0.114)   # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))  # RGB -> YIQ (NTSC)
 U_SIZES = (2 * data.RRC_TRIES + 3, 9, 1, 2, 1)  # uniforms per view: crop, colour jitter, grayscale, blur, solarisation
 
@@ -171,7 +170,7 @@ class Views:
     def __init__(self, cfg, img_size, local_size, device):
         self.cfg, self.img_size, self.local_size, self.device = cfg, img_size, local_size, device
         self.gen = torch.Generator(device=device)
-        self.gray, self.yiq = torch.tensor(GRAY, device=device), torch.tensor(YIQ, device=device)
+        self.gray, self.yiq = torch.tensor(data.LUMA, device=device), torch.tensor(YIQ, device=device)
         self.yiq_inv = torch.linalg.inv(self.yiq)
         self.p = torch.tensor(list(zip(BLUR_P, SOLARIZE_P)), device=device)  # (3, 2), made once: no host copy per step
 
