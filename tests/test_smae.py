@@ -115,9 +115,13 @@ def test_terms_equal_right_after_calibration(tmp_path):
     assert torch.allclose(pixel, obj.c * percep, rtol=1e-4)
 
 
-def test_smae_run_calibrates_once_and_resume_keeps_c(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize('weighting', ['fixed', 'uncertainty'])
+def test_smae_run_calibrates_once_and_resume_keeps_c(weighting, tiny, tmp_path, monkeypatch):
+    """A resumed SMAE run keeps c (no recalibration) and, with learned weighting, its log-variances: it ends with
+    the uninterrupted run's weights."""
     critic = critic_checkpoint(tmp_path / 'critic.pt')
-    args = ('--epochs', 2, '--ckpt_every', 1, '--alpha', 0.5, '--critic', critic, '--masking', 'block', '--mask', 0.5)
+    args = ('--epochs', 2, '--ckpt_every', 1, '--alpha', 0.5, '--critic', critic, '--masking', 'block', '--mask', 0.5,
+            '--weighting', weighting)
     with keep_first_checkpoint(tmp_path / 'epoch1.pt') as epoch1:
         assert pretrain.main(tiny(*args)) == 0
     log = [json.loads(l) for l in open(tmp_path / 'run' / 'log.jsonl')]
@@ -134,8 +138,11 @@ def test_smae_run_calibrates_once_and_resume_keeps_c(tiny, tmp_path, monkeypatch
     assert pretrain.main(tiny('--resume', 'true', out='resumed')) == 0
     final = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)
     assert final['objective']['c'] == c1
-    full = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
-    assert all(torch.equal(full[k], final['model'][k]) for k in full), "resumed SMAE run differs"
+    full = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert all(torch.equal(full['model'][k], final['model'][k]) for k in full['model']), "resumed SMAE run differs"
+    if weighting == 'uncertainty':  # learned, so moved from their start at 0, and carried through the resume
+        assert full['objective']['log_vars'].abs().min() > 0
+        assert torch.equal(full['objective']['log_vars'], final['objective']['log_vars'])
 
 
 # --- errors: found before training starts, with the command that trains a critic ---------------------------
