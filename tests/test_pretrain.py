@@ -11,7 +11,7 @@ import torch
 import common
 import model as M
 import pretrain
-from conftest import ROOT, keep_first_checkpoint
+from conftest import ROOT, keep_first_checkpoint, script_argv
 
 
 def records(out, event):
@@ -162,3 +162,20 @@ def test_benchmark_mode_stops_on_a_signal(tiny, monkeypatch):
         return self
     monkeypatch.setattr(common.Run, '__enter__', signalled)
     assert pretrain.main(tiny('--bench_steps', 1000, '--bench_warmup', 1)) == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize('script', ['pretrain', 'finetune'])
+def test_grad_clip_bounds_the_gradient_the_optimizer_step_uses(script, tiny, tmp_path):
+    """--grad_clip clips the gradient norm before the optimizer step. One AdamW step moves a parameter without weight
+    decay by lr * g / (|g| + 1e-8): about the lr when unclipped; clipped to a norm of 1e-12, under 1e-4 of it."""
+    import finetune
+    module = {'pretrain': pretrain, 'finetune': finetune}[script]
+    biases = {}
+    for name, lr, clip in (('start', 1e-30, 0), ('free', 1e-3, 0), ('clipped', 1e-3, 1e-12)):  # one step each
+        argv = tiny('--subset', 32, '--epochs', 1, '--knn_bank', 0, '--lr', lr, '--grad_clip', clip, out=name)
+        assert module.main(script_argv(module, argv)) == 0
+        sd = torch.load(tmp_path / name / 'ckpt.pt', weights_only=True)['model']
+        biases[name] = torch.cat([v.flatten() for k, v in sd.items() if k.endswith('.bias')])
+    step_lr = 1e-3 * 32 / 128
+    assert (biases['free'] - biases['start']).abs().max() > 0.5 * step_lr
+    assert (biases['clipped'] - biases['start']).abs().max() < 1e-4 * step_lr
