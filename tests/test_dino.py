@@ -230,6 +230,12 @@ def test_kill_and_sigterm_then_resume_match_the_uninterrupted_run(tiny, tmp_path
         assert same_weights(reference, state(tmp_path / name)), f"{name}: resumed run differs from the uninterrupted one"
 
 
+def test_benchmark_mode_times_the_loop_and_writes_nothing(tiny, tmp_path):
+    result = dino.main(tiny('--subset', 64, '--local_crops_number', 2, '--bench_steps', 2, '--bench_warmup', 1))
+    assert result['images_per_s'] > 0 and result['batch_size'] == 32 and np.isfinite(result['loss'])
+    assert not (tmp_path / 'run').exists()
+
+
 def test_torchrun_two_ranks_equal_one_process(tiny, tmp_path):
     args = ('--subset', 64, '--epochs', 1, '--local_crops_number', 2, '--device', 'cpu', '--knn_bank', 0)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
