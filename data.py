@@ -718,4 +718,4 @@ if __name__ == '__main__':
     try:
         download(args.name, args.data_dir)
     except DataError as e:
-        sys.exit(f'error: {e}')
+        sys.exit(f'data.py: error: {e}')

@@ -3,6 +3,7 @@ import hashlib
 import io
 import itertools
 import os
+import subprocess
 import sys
 import tarfile
 import time
@@ -572,16 +573,51 @@ def test_download_refuses_escaping_members(tmp_path):
     with pytest.raises(DataError, match='refusing'):
         data.download('tin', str(dst), url=evil_zip.as_uri(), md5=md5(evil_zip))
     assert not (tmp_path / 'evil.txt').exists() and os.listdir(dst) == []
-    # a tar with a symlink pointing outside the target
+
+
+@pytest.mark.parametrize('member, why', [
+    (dict(name='CUB_200_2011/../../evil.txt'), 'would be written outside'),
+    (dict(name='CUB_200_2011/escape', type=tarfile.SYMTYPE, linkname='../../../outside'), 'is a link to'),
+    (dict(name='CUB_200_2011/hard', type=tarfile.LNKTYPE, linkname='../outside'), 'is a hard link to'),
+    (dict(name='CUB_200_2011/pipe', type=tarfile.FIFOTYPE), 'is a device or fifo'),
+], ids=['path', 'symlink', 'hardlink', 'fifo'])
+def test_download_refuses_a_tar_whose_member_escapes(member, why, tmp_path):
+    """One member that would write outside the data folder (or is a device) and nothing of the archive is extracted."""
     evil_tgz = tmp_path / 'evil.tgz'
     with tarfile.open(evil_tgz, 'w:gz') as tf:
-        tf.add(make_cub(tmp_path / 'src2'), arcname='CUB_200_2011')
-        link = tarfile.TarInfo('CUB_200_2011/escape')
-        link.type, link.linkname = tarfile.SYMTYPE, '../../../outside'
-        tf.addfile(link)
-    with pytest.raises(DataError, match='refusing'):
+        tf.add(make_cub(tmp_path / 'src'), arcname='CUB_200_2011')
+        info = tarfile.TarInfo(member.pop('name'))
+        for k, v in member.items():
+            setattr(info, k, v)
+        tf.addfile(info, io.BytesIO(b'') if info.isfile() else None)
+    dst = tmp_path / 'data'
+    with pytest.raises(DataError, match=f'refusing.*{why}'):
         data.download('cub', str(dst), url=evil_tgz.as_uri(), md5=md5(evil_tgz))
+    assert os.listdir(dst) == [] and not (tmp_path / 'evil.txt').exists()
+
+
+def test_download_of_a_file_that_is_no_archive_extracts_nothing(tmp_path):
+    page = tmp_path / 'login.html'  # what a captive portal or a moved URL serves
+    page.write_text('<html>please log in</html>')
+    dst = tmp_path / 'data'
+    with pytest.raises(DataError, match='neither a zip nor a tar archive'):
+        data.download('cub', str(dst), url=page.as_uri(), md5=md5(page))
     assert os.listdir(dst) == []
+
+
+def test_download_command_line(tmp_path):
+    """python data.py download NAME: a dataset already there is left alone (exit 0); a data_dir that cannot be
+    written to is one line on stderr and exit 1."""
+    def download(data_dir):
+        return subprocess.run([sys.executable, os.path.join(os.path.dirname(data.__file__), 'data.py'), 'download',
+                               'cub', '--data_dir', str(data_dir)], capture_output=True, text=True, timeout=120)
+    make_cub(tmp_path / 'data')
+    done = download(tmp_path / 'data')
+    assert done.returncode == 0 and 'already exists, not downloading' in done.stdout
+    (tmp_path / 'a_file').write_text('')
+    done = download(tmp_path / 'a_file')
+    assert done.returncode == 1 and done.stderr.startswith('data.py: error: cannot download into')
+    assert done.stderr.count('\n') == 1
 
 
 def test_download_unreachable_fails_fast(tmp_path):
