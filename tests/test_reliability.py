@@ -1,5 +1,6 @@
 """Reliability: a killed run loses nothing, bad input gets one clear line and a non-zero exit, no good file is
 overwritten. Each row of the README's bad-input table has a test here (or in the test file named beside it)."""
+import importlib
 import json
 import os
 import signal
@@ -365,6 +366,21 @@ def test_malformed_model_config_row(pre, tmp_path, capsys, monkeypatch):
                             capsys, monkeypatch, script='finetune.py')
         one_line_error(code, err, str(path), 'stored model config is missing or malformed')
         nothing_written(tmp_path / 'ft')
+
+
+@pytest.mark.parametrize('script', ['finetune', 'probe', 'evaluate'])
+def test_weights_that_do_not_fit_the_stored_architecture_row(script, pre, tmp_path, capsys, monkeypatch):
+    """A checkpoint whose weights lost a tensor or gained one: each script that loads an encoder names both keys."""
+    module = importlib.import_module(script)
+    ck = torch.load(pre, weights_only=True)
+    del ck['model']['blocks.0.attn.qkv.weight']
+    ck['model']['extra.weight'] = torch.zeros(2)
+    torch.save(ck, tmp_path / 'damaged.pt')
+    code, err = run_cli(module.main, ['--ckpt', tmp_path / 'damaged.pt', '--dataset', 'demo', '--out_dir', tmp_path / 'out'],
+                        capsys, monkeypatch, script=f'{script}.py')
+    one_line_error(code, err, 'damaged.pt does not fit this model', "missing keys ['blocks.0.attn.qkv.weight']",
+                   "unexpected keys ['extra.weight']")
+    nothing_written(tmp_path / 'out')
 
 
 def test_evaluation_of_another_checkpoint_is_never_replaced_row(pre, tmp_path, capsys, monkeypatch):
