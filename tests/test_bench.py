@@ -44,7 +44,7 @@ def test_profile_stopped_by_a_timeout_still_writes_its_table(tmp_path):
             break
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     text = open(tmp_path / 'profile.txt').read()
     assert text.startswith('stopped by a signal') and 'aten::' in text
