@@ -204,14 +204,14 @@ def profile(cfg):
         result = pretrain.main(args)  # (the warm-up steps, compilation included, are in it too)
     # the figures, or the exit code of a run that a signal (a timeout's SIGTERM, Ctrl-C) stopped: then the table
     # still covers every step that ran, which is what a time-boxed GPU session needs to keep
-    head = (f"{result['label']} batch {result['batch_size']}: {result['images_per_s']:,.0f} images/s"
-            if isinstance(result, dict) else f"stopped by a signal before the timed steps ended (exit {result}): "
-                                             f"the table covers the steps that ran")
+    stopped = not isinstance(result, dict)
+    head = (f"stopped by a signal before the timed steps ended (exit {result}): the table covers the steps that ran"
+            if stopped else f"{result['label']} batch {result['batch_size']}: {result['images_per_s']:,.0f} images/s")
     text = prof.key_averages().table(sort_by='self_cuda_time_total' if cuda else 'self_cpu_time_total', row_limit=40)
     os.makedirs(cfg.out_dir, exist_ok=True)
     common.save_atomic(f"{head}\n\n{text}\n", os.path.join(cfg.out_dir, 'profile.txt'))
     print(f"{head}\n{text}")
-    return 0 if isinstance(result, dict) else result
+    return result if stopped else 0
 
 
 if __name__ == '__main__':
