@@ -316,6 +316,25 @@ def _stop_with_scheduler(scheduler_pid):
         os._exit(143)
 
 
+def kill_tree(pid):
+    """SIGKILL to a step's process and everything descended from it: its process group, and on Linux every
+    descendant found in /proc (torchrun starts its workers in sessions of their own, out of reach of the group)."""
+    children = {}
+    for entry in os.listdir('/proc') if os.path.isdir('/proc') else []:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def last_line(path):
     """The last line a log holds (what a failed script printed last: its one-line error)."""
     with contextlib.suppress(OSError), open(path, 'rb') as f:
@@ -423,8 +442,7 @@ class Scheduler:
                 time.sleep(POLL_S)
         finally:
             for proc in self.proc.values():  # only if the loop itself broke: no step outlives the scheduler
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
             for sig, old in handlers.items():
                 signal.signal(sig, old)
         self.draw(final=True)
@@ -443,8 +461,7 @@ class Scheduler:
     def on_signal(self, signum, frame):
         if self.stopping:  # the second Ctrl-C: stop every step now (their last checkpoints are intact)
             for proc in self.proc.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)
         self.stopping = self.stopping or signum
 
     def advance(self):

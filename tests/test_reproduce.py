@@ -26,7 +26,8 @@ from conftest import ROOT
 # out_dir's flock as the scripts do (refusing with their message when it is held), logs a start record and a train
 # record per step to log.jsonl, saves ckpt.pt (its step, as JSON) and exits 128 + the signal on SIGTERM / SIGINT,
 # and writes results.json at the end. FAKE_RECORD gets a line per start. FAKE_SLOW names steps that run ~60 s,
-# FAKE_FAIL steps that fail at once, FAKE_BUSY_ONCE steps that say their out_dir is in use the first time.
+# FAKE_FAIL steps that fail at once, FAKE_BUSY_ONCE steps that say their out_dir is in use the first time, FAKE_STUCK
+# steps that start a worker in a session of its own (as torchrun does) and do not stop on a signal.
 FAKE = r'''
 import fcntl, json, os, signal, sys, time
 
@@ -60,6 +61,12 @@ signals = []
 for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda s, frame: signals.append(s))
 print(f"{script}: starting {name}", flush=True)
+if name in os.environ.get('FAKE_STUCK', '').split():  # slow to stop, with a worker in a session of its own
+    import subprocess
+    worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)
+    with open(os.environ['FAKE_RECORD'], 'a') as f:
+        f.write(json.dumps(dict(step=name + '.worker', pid=worker.pid)) + '\n')
+    time.sleep(120)
 if name in os.environ.get('FAKE_FAIL', '').split():
     refuse(f"{name} broke on purpose")
 ckpt = os.path.join(out, 'ckpt.pt')
@@ -119,7 +126,11 @@ class Study:
 
 @pytest.fixture
 def fake(tmp_path):
-    return Study(tmp_path)
+    study = Study(tmp_path)
+    yield study
+    for r in study.records():  # a test that failed may leave its stand-ins: end them
+        if alive(r['pid']):
+            os.kill(r['pid'], signal.SIGKILL)
 
 
 def alive(pid):
@@ -228,6 +239,19 @@ def test_ctrl_c_asks_each_step_once_to_save_and_leaves_no_process(fake):
         assert re.search(rf"^\| {name} \|.*\| stopped: resumes on the next run \|", fake.results(), re.M)
     assert 'stopping: asked 2 running step(s) to save and stop' in fake.output()
     assert "./reproduce.sh quick` continues from here" in fake.output()
+
+
+def test_a_second_ctrl_c_kills_the_steps_that_do_not_stop_with_their_workers(fake):
+    scheduler = fake.start('quick', 'supervised_tin', FAKE_STUCK='supervised_tin')
+    fake.wait(lambda: len(fake.records()) == 2, 'the step and its worker')
+    os.killpg(scheduler.pid, signal.SIGINT)
+    fake.wait(lambda: 'stopping: asked 1 running step(s)' in fake.output(), 'the first Ctrl-C')
+    time.sleep(0.5)
+    assert scheduler.poll() is None  # the step has not stopped: the scheduler waits for it
+    os.killpg(scheduler.pid, signal.SIGINT)
+    assert scheduler.wait(timeout=30) == 130
+    assert not wait_gone([r['pid'] for r in fake.records()], timeout=5)  # the step and its worker
+    assert re.search(r"^\| supervised_tin \|.*\| stopped: resumes on the next run \|", fake.results(), re.M)
 
 
 def test_a_step_running_in_another_process_is_waited_for_not_failed(fake):
