@@ -577,12 +577,12 @@ class Scheduler:
         if not self.tty or (not final and time.time() - self.last_draw < REFRESH_S and self.drawn):
             return
         size = shutil.get_terminal_size()
-        lines = self.table(size.lines - 2)
+        lines = self.table(size.lines - 2, final)
         self.erase()
         self.write(''.join(line[:size.columns - 1] + '\n' for line in lines))
         self.drawn, self.last_draw = (0 if final else len(lines)), time.time()
 
-    def table(self, height):
+    def table(self, height, final=False):
         rows = [(s.name, self.describe(s)) for s in self.steps]
         if len(rows) + 2 > height:  # too tall for the terminal: the done, not run and waiting steps on a line each
             group = {'done': 'done', 'blocked': 'not run', 'waiting': 'waiting', 'ready': 'waiting'}
@@ -594,20 +594,19 @@ class Scheduler:
             rows += [(f"({len(names)} {what})", ', '.join(names)) for what, names in folded.items() if names]
         width = max(len(name) for name, _ in rows)
         return [self.summary()] + [f"  {name:<{width}}  {text}" for name, text in rows] + \
-               [f"  each step's output: {self.log_dir}/<step>.log | Ctrl-C stops the steps cleanly; the same "
-                f"command continues"]
+               [f"  each step's output: {self.log_dir}/<step>.log" + (
+                   '' if final else " | Ctrl-C stops the steps cleanly; the same command continues")]
 
     def describe(self, s):
         note = self.note[s.name]
         if self.state[s.name] != 'running':
             return note
         tail = self.tails[s.name].update()
-        elapsed = fmt_time(time.time() - self.began[s.name])
         if tail.train and tail.total_steps():
             step, total = tail.train['step'], tail.total_steps()
             return (f"{note} | {100 * step / total:3.0f}% step {step}/{total} | "
                     f"{tail.train['images_per_s']:,.0f} img/s | eta {fmt_time(tail.left_s())}")
-        return f"{note} | {elapsed} | {last_line(self.log_path(s))}"
+        return f"{note} | {fmt_time(time.time() - self.began[s.name])} | {last_line(self.log_path(s))}"
 
     def summary(self):
         count = {st: list(self.state.values()).count(st) for st in ('done', 'running', 'failed', 'blocked')}
@@ -635,7 +634,7 @@ class Scheduler:
         for name in self.ended:
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 results = json.load(open(os.path.join(self.out, name, 'results.json')))
-                starts.append(self.ended[name] - self.began[name] - results['wall_s'])
+                starts.append(max(0.0, self.ended[name] - self.began[name] - results['wall_s']))
         start_s = sum(starts) / len(starts) if starts else START_S
 
         def expected_s(s):
