@@ -718,7 +718,7 @@ def check_data(steps, data_dir):
                                f"{data_dir}")
 
 
-def list_steps(steps, launch, jobs, mode):
+def list_steps(steps, launch, mode):
     duration = {s.name: estimate_s(s) for s in steps}
     print(f"{len(steps)} steps; a step whose {'ckpt.pt'} exists gets --resume true")
     for s in steps:
@@ -744,7 +744,7 @@ def main(argv):
     steps = select(study(mode, env['OUT'], env['DATA_DIR'], env['VARIANTS'].split(), ratios), words)
     launch = launch_command(env['LAUNCH'])
     if '--list' in options:
-        list_steps(steps, launch, int(env['JOBS']), mode)
+        list_steps(steps, launch, mode)
         return 0
     if mode == 'full':
         check_data(steps, env['DATA_DIR'])

@@ -227,12 +227,16 @@ def test_after_kill_9_no_step_is_left_and_a_rerun_skips_the_finished_and_resumes
     assert done.stdout.count('done, skipped') == 3 and '== mae_random: resuming on CPU' in done.stdout
 
 
-def test_ctrl_c_asks_each_step_once_to_save_and_leaves_no_process(fake):
+@pytest.mark.parametrize('stop', ['ctrl_c', 'sigterm'])
+def test_ctrl_c_or_sigterm_asks_each_step_once_to_save_and_leaves_no_process(fake, stop):
     scheduler = fake.start('quick', FAKE_SLOW='mae_random sweep_mask50')  # the heads of the two longest chains
     fake.wait(lambda: len(fake.records()) == 2, 'two steps running')
     time.sleep(0.3)
-    os.killpg(scheduler.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    assert scheduler.wait(timeout=30) == 130
+    if stop == 'ctrl_c':
+        os.killpg(scheduler.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    else:
+        os.kill(scheduler.pid, signal.SIGTERM)   # a cluster's pre-emption, `kill`
+    assert scheduler.wait(timeout=30) == (130 if stop == 'ctrl_c' else 143)
     assert not wait_gone([r['pid'] for r in fake.records()], timeout=5)
     for name in ('mae_random', 'sweep_mask50'):  # each got one SIGTERM from the scheduler (not the SIGINT), and saved
         assert json.load(open(fake.out / name / 'ckpt.pt'))['signals'] == [signal.SIGTERM]
