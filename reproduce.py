@@ -612,7 +612,8 @@ class Scheduler:
         count = {st: list(self.state.values()).count(st) for st in ('done', 'running', 'failed', 'blocked')}
         left = self.time_left()
         return (f"{count['done']}/{len(self.steps)} done, {count['running']} running"
-                + (f", {count['failed']} failed, {count['blocked']} not run for it" if count['failed'] else "")
+                + (f", {count['failed']} failed" if count['failed'] else "")
+                + (f", {count['blocked']} not run for it" if count['blocked'] else "")
                 + f" | elapsed {fmt_time(time.time() - self.t0)} | time left "
                 + (f"about {fmt_time(left)} (from the logged speeds)" if left is not None else
                    "known once a step has logged its speed"))
