@@ -354,6 +354,24 @@ class _Progress:
         return f"  {self.what}: {done:,}/{self.total:,} ({self.rate:,.0f} images/s, eta {eta})"
 
 
+@contextlib.contextmanager
+def _ticking(what):
+    """While the block runs, a line '  what (N s)' every PROGRESS_EVERY seconds from a timer thread: the phases
+    around the decoding (checking 100k files, reading or writing a 1.2 GB cache) can take that long on a slow disk."""
+    t0, stop = time.perf_counter(), threading.Event()
+
+    def tick():
+        while not stop.wait(PROGRESS_EVERY):
+            print(f"  {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _decode_all(root, files, boxes, what):
     """Decode every file with a thread pool (PIL releases the GIL while decoding); DataError lists all bad files.
     The main thread prints a progress line every PROGRESS_EVERY seconds by the clock, whatever the workers do."""
@@ -476,11 +494,12 @@ def _load_disk_split(name, split, data_dir, bbox):
     root = os.path.join(data_dir, ARCHIVES[name]['root'])
     if not os.path.isdir(root):
         raise _missing(name, data_dir, f"dataset folder {root} not found")
-    listing = _list_tin(data_dir, root, split) if name == 'tin' else _list_cub(data_dir, root, split, bbox)
-    files, labels, classes, annotations, boxes = listing
-    if not files:
-        raise _missing(name, data_dir, f"no {split} images listed under {root}")
-    signature = _signature(root, annotations + files, f'{name}|{split}|{boxes is not None}')
+    with _ticking(f'listing and checking the {name}/{split} files'):
+        listing = _list_tin(data_dir, root, split) if name == 'tin' else _list_cub(data_dir, root, split, bbox)
+        files, labels, classes, annotations, boxes = listing
+        if not files:
+            raise _missing(name, data_dir, f"no {split} images listed under {root}")
+        signature = _signature(root, annotations + files, f'{name}|{split}|{boxes is not None}')
     cache = os.path.join(root, f"cache_{split}{'_bbox' if boxes is not None else ''}.pt")
     _remove_stale_temps(root)
     if os.path.lexists(cache) and not os.path.isfile(cache):  # never read (a fifo blocks) nor replaced
@@ -489,7 +508,8 @@ def _load_disk_split(name, split, data_dir, bbox):
                         f"again")
     if os.path.isfile(cache):
         try:
-            c = torch.load(cache, map_location='cpu', weights_only=True)
+            with _ticking(f'reading {cache}'):
+                c = torch.load(cache, map_location='cpu', weights_only=True)
             if c['version'] == CACHE_VERSION and c['signature'] == signature:
                 return Split(c['images'], c['labels'], list(c['classes']))
             print(f'{cache} is out of date, rebuilding it')
@@ -509,8 +529,9 @@ def _load_disk_split(name, split, data_dir, bbox):
         if tmp_file is not None:  # written whole, then renamed: never a half-written cache
             writes = _RecordedWrites(tmp_file)
             try:
-                torch.save(dict(version=CACHE_VERSION, signature=signature, **vars(out)), writes)  # + images, ...
-                tmp_file.close()
+                with _ticking(f'writing {cache}'):
+                    torch.save(dict(version=CACHE_VERSION, signature=signature, **vars(out)), writes)  # + images, ...
+                    tmp_file.close()
                 os.replace(tmp, cache)
             except (OSError, RuntimeError) as e:  # a full disk: the split in memory is whole, keep going
                 if not isinstance(e, OSError) and writes.error is None:

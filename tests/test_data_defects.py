@@ -368,29 +368,57 @@ def test_stale_cache_temp_files_are_removed_and_nothing_else(tmp_path, capsys):
 # progress while a split decodes: by the clock, with a smoothed rate
 
 
-def test_progress_lines_come_by_the_clock_while_no_image_finishes(tmp_path, monkeypatch):
-    make_tin(tmp_path)
-    monkeypatch.setattr(data, 'PROGRESS_EVERY', 0.05)
-    lines, real_print, real_decode = [], print, data._decode_image
-    deadline = time.monotonic() + 30
+@pytest.fixture
+def printed(monkeypatch):
+    """The lines data.py prints, as they come (its progress comes from other threads), with PROGRESS_EVERY 0.05 s."""
+    lines, real_print = [], print
 
     def record(*args, **kwargs):
         lines.append(' '.join(map(str, args)))
         real_print(*args, **kwargs)
-
-    def held(path, box=None):  # every image waits until three progress lines are out: only a timer can print them
-        while sum('decoding tin/train:' in line for line in lines) < 3:
-            assert time.monotonic() < deadline, 'no progress line while the images were held'
-            time.sleep(0.01)
-        return real_decode(path, box)
     monkeypatch.setattr(data, 'print', record, raising=False)
+    monkeypatch.setattr(data, 'PROGRESS_EVERY', 0.05)
+    return lines
+
+
+def wait_for_lines(lines, needle, n, deadline):
+    """Hold the caller (a decoding worker, a write) until n lines with needle are out: only a timer can print them."""
+    while sum(needle in line for line in lines) < n:
+        assert time.monotonic() < deadline, f'fewer than {n} lines with {needle!r} while the work was held'
+        time.sleep(0.01)
+
+
+def test_progress_lines_come_by_the_clock_while_no_image_finishes(tmp_path, monkeypatch, printed):
+    make_tin(tmp_path)
+    real_decode, deadline = data._decode_image, time.monotonic() + 30
+
+    def held(path, box=None):
+        wait_for_lines(printed, 'decoding tin/train:', 3, deadline)
+        return real_decode(path, box)
     monkeypatch.setattr(data, '_decode_image', held)
     assert len(data.load_split('tin', 'train', str(tmp_path)).labels) == 10
-    progress = [line for line in lines if 'decoding tin/train:' in line]
+    progress = [line for line in printed if 'decoding tin/train:' in line]
     assert len(progress) >= 3
     assert all(re.fullmatch(r'  decoding tin/train: \d+/10 \([\d,]+ images/s, eta (\?|\d+m\d\ds|\d+h\d\dm)\)', line)
                for line in progress), progress
     assert progress[0].startswith('  decoding tin/train: 0/10')
+
+
+def test_a_slow_cache_write_prints_lines_by_the_clock(tmp_path, monkeypatch, printed):
+    root, deadline = make_tin(tmp_path), time.monotonic() + 30
+    writing = f'  writing {root}/cache_val.pt ('
+
+    class SlowDisk(io.FileIO):
+        def write(self, b):
+            wait_for_lines(printed, writing, 2, deadline)
+            return super().write(b)
+    real_open = open
+    monkeypatch.setattr(data, 'open', lambda path, mode='r', *a, **kw: io.BufferedWriter(SlowDisk(path, 'w'))
+                        if '.tmp.' in str(path) else real_open(path, mode, *a, **kw), raising=False)
+    data.load_split('tin', 'val', str(tmp_path))
+    assert sum(line.startswith(writing) and line.endswith(' s)') for line in printed) >= 2
+    assert torch.equal(data.load_split('tin', 'val', str(tmp_path)).labels, torch.tensor([0, 1, 2, 0, 1, 2, 2]))
+    assert (root / 'cache_val.pt').exists()
 
 
 def test_progress_rate_and_eta_are_smoothed_over_bursts():
