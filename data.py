@@ -9,17 +9,23 @@ there, with per-(seed, epoch, step) generators so that any step can be reproduce
 """
 import argparse
 import contextlib
+import errno
 import functools
 import hashlib
 import http.client
 import math
 import os
+import re
+import socket
+import stat
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import urllib.request
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +37,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ('tin', 'cub', 'demo', 'synthetic')
 IMG = 64                # every split is stored at 64x64
-CACHE_VERSION = 1       # bump when the decoding changes, so that old caches are rebuilt
+CACHE_VERSION = 2       # bump when the decoding changes, so that old caches are rebuilt (2: 16-bit PNGs)
 DOWNLOAD_TIMEOUT = 15   # seconds without an answer before a download gives up
+PROGRESS_EVERY = 10     # seconds between progress lines while a split decodes (by the clock)
+RATE_SMOOTHING = 0.3    # weight of the latest interval in the progress lines' averaged images/s and ETA
+STALE_TEMP_S = 3600     # a cache temp file of another machine untouched this long was left by a killed run
 
 ARCHIVES = {
     'tin': dict(url='http://cs231n.stanford.edu/tiny-imagenet-200.zip', md5='90528d7ca1a48142e341f4ef8d21d0de',
@@ -71,6 +80,22 @@ def seed_for(*parts):
 
 # -----------------------------------------------------------------------------
 # reading the official layouts
+#
+# A damaged dataset is an error (DataError: one line naming the file and the line; the scripts exit with 2 and write
+# nothing) whenever the annotation files contradict themselves or cannot be read: a repeated image id, val file
+# name, wnid, class id or class name; an image id in one CUB file and not another; an id or label that is not a
+# number or not a class; a split flag other than 0/1; a box that is not four numbers with an area; a row with too
+# few fields; a val row whose wnid is not in wnids.txt; a text file that is empty or not UTF-8; a class without a
+# train image; and every listed image that is missing, unreadable or not a regular file (all named at once). Labels
+# that contradict themselves would make every figure of a week-long run meaningless, and each is fixed in minutes
+# once named. Warnings with a count (the run goes on): classes with no val image (the val figures still hold for the
+# classes present, and a trimmed val split may be deliberate), and a cache that cannot be written (a read-only folder
+# or a full disk: the decoded split is in memory and correct, the cache only spares the next run the decoding).
+
+FILE_KINDS = {stat.S_IFDIR: 'a directory', stat.S_IFIFO: 'a named pipe (fifo)', stat.S_IFCHR: 'a character device',
+              stat.S_IFBLK: 'a block device', stat.S_IFSOCK: 'a socket'}
+SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')  # 16-bit grayscale as PIL opens it (PNG; Pillow < 10: 'I')
+_TEMP = re.compile(r'cache_(?:train|val)(?:_bbox)?\.pt\.tmp\.(?:(?P<host>.+)\.)?(?P<pid>\d{1,7})')  # see _temp_name
 
 
 def _missing(name, data_dir, what):
@@ -79,17 +104,48 @@ def _missing(name, data_dir, what):
                      f"{os.path.join(data_dir, a['root'], a['marker'])} exists")
 
 
+def _damaged(path, line, what):
+    """A damaged annotation file or folder: where (the file and line), what is wrong, and how to fix it."""
+    where = f"{path} line {line}" if line else path
+    return DataError(f"{where}: {what}; the dataset is damaged: correct it, or delete the dataset folder and pass "
+                     f"--download true (or unpack the official archive again)")
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _kind(path):
+    """What path is when it is not a regular file ('a directory', 'a named pipe (fifo)', ...), else None. From stat
+    alone: opening a fifo for reading blocks until a writer comes, which may be never."""
+    mode = os.stat(path).st_mode
+    return None if stat.S_ISREG(mode) else FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')
+
+
 def _read_rows(name, data_dir, root, rel, columns):
-    """Whitespace-split rows of an annotation file, each with at least `columns` fields."""
+    """[(line number, fields)] of the non-blank lines of an annotation file, each with at least `columns`
+    whitespace-separated fields; the file must be UTF-8 text and not empty."""
     path = os.path.join(root, rel)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise _missing(name, data_dir, f"missing annotation file {path}")
-    with open(path) as f:
-        rows = [line.split() for line in f if line.strip()]
-    short = [k for k, r in enumerate(rows) if len(r) < columns]
-    if short:
-        raise DataError(f"{path}: line {short[0] + 1} has fewer than {columns} fields; the file is damaged, "
-                        f"delete {root} and pass --download true")
+    if kind := _kind(path):
+        raise _damaged(path, None, f"this is {kind}, not a text file")
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror}): check its permissions") from None
+    try:
+        text = raw.decode('utf-8').removeprefix('\ufeff')  # the byte-order mark some editors write
+    except UnicodeDecodeError as e:
+        raise _damaged(path, raw.count(b'\n', 0, e.start) + 1,
+                       f"byte {e.start} (0x{raw[e.start]:02x}) is not UTF-8 text") from None
+    rows = [(k, line.split()) for k, line in enumerate(text.split('\n'), 1) if line.strip()]
+    if not rows:
+        raise _damaged(path, None, "the file is empty")
+    for k, fields in rows:
+        if len(fields) < columns:
+            raise _damaged(path, k, f"has fewer than {columns} fields")
     return rows
 
 
@@ -99,52 +155,171 @@ def _bad_files(root, bad, what):
                      f"(or delete {root} and pass --download true) and try again")
 
 
+def _warn_empty_classes(root, split, classes, labels):
+    """Classes without an image in a val split: a warning, since the val figures still hold for the others."""
+    empty = sorted(set(range(len(classes))) - set(labels))
+    if empty:
+        shown = ', '.join(classes[c] for c in empty[:5]) + (', ...' if len(empty) > 5 else '')
+        _warn(f"{len(empty)} of {len(classes)} classes have no {split} image under {root} ({shown}): the {split} "
+              f"figures cover the other {len(classes) - len(empty)}")
+
+
 def _list_tin(data_dir, root, split):
     """-> (relative image paths, labels, classes, annotation files, no boxes). Label = index in wnids.txt."""
-    wnids = [r[0] for r in _read_rows('tin', data_dir, root, 'wnids.txt', 1)]
-    index = {w: i for i, w in enumerate(wnids)}
+    line_of = {}  # wnid -> its line in wnids.txt
+    for line, (wnid, *_) in _read_rows('tin', data_dir, root, 'wnids.txt', 1):
+        if wnid in line_of:
+            raise _damaged(os.path.join(root, 'wnids.txt'), line, f"wnid {wnid} repeats line {line_of[wnid]}")
+        line_of[wnid] = line
+    wnids = list(line_of)
     files, labels = [], []
     if split == 'train':
         for i, w in enumerate(wnids):
             d = os.path.join(root, 'train', w, 'images')
             if not os.path.isdir(d):
                 raise _missing('tin', data_dir, f"missing image folder {d}")
-            names = sorted(e.name for e in os.scandir(d) if e.name.lower().endswith(('.jpeg', '.jpg', '.png')))
+            try:
+                names = sorted(e.name for e in os.scandir(d) if e.name.lower().endswith(('.jpeg', '.jpg', '.png')))
+            except OSError as e:
+                raise DataError(f"cannot read {d} ({e.strerror}): check its permissions") from None
+            if not names:  # a class the model could never learn: a copy cut short, not a choice
+                raise _damaged(d, None, f"no images, though {os.path.join(root, 'wnids.txt')} line {line_of[w]} "
+                                        f"lists class {w}")
             files += [f'train/{w}/images/{n}' for n in names]
             labels += [i] * len(names)
         return files, labels, wnids, ['wnids.txt'], None
     ann = 'val/val_annotations.txt'
-    rows = sorted(_read_rows('tin', data_dir, root, ann, 2))  # (file, wnid, x0, y0, x1, y1), sorted by file name
-    unknown = sorted({r[1] for r in rows if r[1] not in index})
-    if unknown:
-        raise DataError(f"{os.path.join(root, ann)} names wnids missing from wnids.txt: {', '.join(unknown[:20])}; "
-                        f"the dataset is inconsistent, re-download it with --download true")
-    return [f'val/images/{r[0]}' for r in rows], [index[r[1]] for r in rows], wnids, ['wnids.txt', ann], None
+    index, rows = {w: i for i, w in enumerate(wnids)}, {}  # rows: file name -> (line, label)
+    for line, (name, wnid, *_) in _read_rows('tin', data_dir, root, ann, 2):
+        if name in rows:
+            raise _damaged(os.path.join(root, ann), line, f"image {name} repeats line {rows[name][0]}")
+        if wnid not in index:
+            raise _damaged(os.path.join(root, ann), line, f"wnid {wnid} is not in wnids.txt")
+        rows[name] = line, index[wnid]
+    names = sorted(rows)  # file order, whatever the order on disk
+    labels = [rows[n][1] for n in names]
+    _warn_empty_classes(root, split, wnids, labels)
+    return [f'val/images/{n}' for n in names], labels, wnids, ['wnids.txt', ann], None
+
+
+def _by_id(data_dir, root, rel, columns, parse):
+    """{image id: (line number, parse(path, line, the fields after the id))} of a CUB file with a row per image."""
+    path, rows = os.path.join(root, rel), {}
+    for line, (image_id, *fields) in _read_rows('cub', data_dir, root, rel, columns):
+        if not image_id.isdecimal():
+            raise _damaged(path, line, f"the image id {image_id!r} is not a number")
+        i = int(image_id)
+        if i in rows:
+            raise _damaged(path, line, f"image id {i} repeats line {rows[i][0]}")
+        rows[i] = line, parse(path, line, fields)
+    return rows
+
+
+def _same_ids(root, images, rel, rows):
+    """The CUB file rel has a row for every image id of images.txt, and for no other."""
+    extra = [i for i in rows if i not in images]
+    if extra:
+        raise _damaged(os.path.join(root, rel), rows[extra[0]][0],
+                       f"image id {extra[0]} is not in images.txt ({len(extra)} such id(s))")
+    missing = [i for i in images if i not in rows]
+    if missing:
+        raise _damaged(os.path.join(root, rel), None, f"no row for image id {missing[0]} of images.txt line "
+                                                      f"{images[missing[0]][0]} ({len(missing)} id(s) missing)")
+
+
+def _class_id(path, line, fields):  # image_class_labels.txt: 1-based class id -> 0-based label
+    if not fields[0].isdecimal() or int(fields[0]) < 1:
+        raise _damaged(path, line, f"the class id {fields[0]!r} is not a number >= 1")
+    return int(fields[0]) - 1
+
+
+def _split_flag(path, line, fields):  # train_test_split.txt: 1 train, 0 test
+    if fields[0] not in ('0', '1'):
+        raise _damaged(path, line, f"the split flag {fields[0]!r} is neither 1 (train) nor 0 (test)")
+    return fields[0] == '1'
+
+
+def _box(path, line, fields):  # bounding_boxes.txt: x y w h in pixels
+    try:
+        x, y, w, h = map(float, fields[:4])
+    except ValueError:
+        x = y = w = h = math.nan
+    if not (math.isfinite(x + y + w + h) and w > 0 and h > 0):
+        raise _damaged(path, line, f"the box {' '.join(fields[:4])!r} is not four numbers x y w h with w, h > 0")
+    return x, y, w, h
+
+
+def _cub_classes(data_dir, root, images, labels):
+    """Class names, index = label: from classes.txt (ids 1..K, each once) or else from the image folders. Every
+    label must be a class and every class must have an image."""
+    path, labels_path = os.path.join(root, 'classes.txt'), os.path.join(root, 'image_class_labels.txt')
+    if os.path.exists(path):
+        rows = _read_rows('cub', data_dir, root, 'classes.txt', 2)
+        by_id, line_of_name = {}, {}  # class id -> (line, name); name -> line
+        for line, (c, name, *_) in rows:
+            if not c.isdecimal() or not 1 <= int(c) <= len(rows):
+                raise _damaged(path, line, f"the class id {c!r} is not a number in 1..{len(rows)} (the file lists "
+                                           f"{len(rows)} classes)")
+            if int(c) in by_id:
+                raise _damaged(path, line, f"class id {c} repeats line {by_id[int(c)][0]}")
+            if name in line_of_name:
+                raise _damaged(path, line, f"class {name} repeats line {line_of_name[name]}")
+            by_id[int(c)], line_of_name[name] = (line, name), line
+        classes = [by_id[c][1] for c in range(1, len(rows) + 1)]
+        outside = [(line, label) for line, label in labels.values() if label >= len(classes)]
+        if outside:
+            raise _damaged(labels_path, outside[0][0], f"class id {outside[0][1] + 1} is not in classes.txt (ids "
+                                                       f"1..{len(classes)}; {len(outside)} such row(s))")
+    else:  # the class folder of each label's images, so that train and val agree
+        folder = {label: images[i][1].split('/')[1] for i, (_, label) in labels.items()}
+        classes = [folder.get(c) for c in range(max(folder) + 1)]
+    empty = sorted(set(range(len(classes))) - {label for _, label in labels.values()})
+    if empty and os.path.exists(path):
+        raise _damaged(path, by_id[empty[0] + 1][0], f"class {empty[0] + 1} ({classes[empty[0]]}) has no image in "
+                                                     f"image_class_labels.txt ({len(empty)} such class(es))")
+    if empty:
+        raise _damaged(labels_path, None, f"no image has class id {empty[0] + 1}, though the ids run to "
+                                          f"{len(classes)} ({len(empty)} such id(s))")
+    return classes
 
 
 def _list_cub(data_dir, root, split, bbox):
     """-> (paths, labels, classes, annotation files, boxes or None). 'val' is the official test split."""
-    paths = {r[0]: 'images/' + r[1] for r in _read_rows('cub', data_dir, root, 'images.txt', 2)}
-    cls = {r[0]: int(r[1]) - 1 for r in _read_rows('cub', data_dir, root, 'image_class_labels.txt', 2)}
-    is_train = {r[0]: r[1] == '1' for r in _read_rows('cub', data_dir, root, 'train_test_split.txt', 2)}
-    ids = sorted((i for i in paths if is_train.get(i) == (split == 'train')), key=int)
-    if os.path.isfile(os.path.join(root, 'classes.txt')):
-        classes = [r[1] for r in sorted(_read_rows('cub', data_dir, root, 'classes.txt', 2), key=lambda r: int(r[0]))]
-    else:  # class dir names, from the image paths of the whole dataset so that train and val agree
-        names = {cls[i]: paths[i].split('/')[1] for i in paths}
-        classes = [names.get(c, f'class_{c + 1:03d}') for c in range(max(names) + 1)]
     annotations = ['images.txt', 'image_class_labels.txt', 'train_test_split.txt']
-    boxes = None
-    if bbox:  # (x, y, w, h) per image
-        rows = {r[0]: tuple(map(float, r[1:5])) for r in _read_rows('cub', data_dir, root, 'bounding_boxes.txt', 5)}
-        boxes, annotations = [rows[i] for i in ids], annotations + ['bounding_boxes.txt']
-    return [paths[i] for i in ids], [cls[i] for i in ids], classes, annotations, boxes
+    images = _by_id(data_dir, root, 'images.txt', 2, lambda path, line, fields: 'images/' + fields[0])
+    labels = _by_id(data_dir, root, 'image_class_labels.txt', 2, _class_id)
+    is_train = _by_id(data_dir, root, 'train_test_split.txt', 2, _split_flag)
+    boxes = _by_id(data_dir, root, 'bounding_boxes.txt', 5, _box) if bbox else None  # (x, y, w, h) per image
+    for rel, rows in (('image_class_labels.txt', labels), ('train_test_split.txt', is_train),
+                      ('bounding_boxes.txt', boxes)):
+        if rows is not None:
+            _same_ids(root, images, rel, rows)
+    classes = _cub_classes(data_dir, root, images, labels)
+    ids = sorted(i for i in images if is_train[i][1] == (split == 'train'))
+    split_labels = [labels[i][1] for i in ids]
+    if split == 'train':
+        empty = sorted(set(range(len(classes))) - set(split_labels))
+        if empty:  # a class the model could never learn
+            raise _damaged(os.path.join(root, 'train_test_split.txt'), None,
+                           f"no image of class {empty[0] + 1} ({classes[empty[0]]}) is in the train split (flag 1) "
+                           f"({len(empty)} such class(es))")
+    else:
+        _warn_empty_classes(root, split, classes, split_labels)
+    if bbox:
+        annotations.append('bounding_boxes.txt')
+    return ([images[i][1] for i in ids], split_labels, classes, annotations,
+            None if boxes is None else [boxes[i][1] for i in ids])
 
 
 def _decode_image(path, box=None):
     """One image -> uint8 (64, 64, 3): RGB, optional (x, y, w, h) box crop, short side to 64, centre crop.
     This is torchvision's Resize(64) + CenterCrop(64) on PIL images, as the paper's code did."""
-    with Image.open(path) as im:
+    if kind := _kind(path):  # refused before opening: a fifo would block the open, a device may act on it
+        raise DataError(f"{kind}, not an image file")
+    # O_NONBLOCK: a fifo put there after the check still cannot block the open
+    with open(path, 'rb', opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f, Image.open(f) as im:
+        if im.mode in SIXTEEN_BIT:  # convert('RGB') clips these at 255 (a white image): scale 0..65535 to 0..255
+            im = Image.fromarray((np.asarray(im, np.float32) / 257).round().clip(0, 255).astype(np.uint8))
         im = im.convert('RGB')  # grayscale, CMYK, palette -> 3 channels
         if box is not None:
             x, y, w, h = box
@@ -159,23 +334,78 @@ def _decode_image(path, box=None):
         return np.asarray(im, dtype=np.uint8)
 
 
-def _decode_all(root, files, boxes):
-    """Decode every file with a thread pool (PIL releases the GIL while decoding); DataError lists all bad files."""
-    out = np.empty((len(files), IMG, IMG, 3), np.uint8)
+def _fmt_duration(seconds):
+    s = int(max(0, seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
-    def work(chunk):
+
+class _Progress:
+    """Progress lines '  what: done/total (rate/s, eta ...)'. The rate is an exponential average over the intervals
+    between lines (RATE_SMOOTHING), so that it and the ETA move smoothly where one interval's rate would swing."""
+
+    def __init__(self, what, total, now):
+        self.what, self.total, self.last, self.rate = what, total, (now, 0), None
+
+    def line(self, done, now):
+        rate = (done - self.last[1]) / max(now - self.last[0], 1e-9)
+        self.rate = rate if self.rate is None else RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * self.rate
+        self.last = now, done
+        eta = _fmt_duration((self.total - done) / self.rate) if self.rate > 0 else '?'
+        return f"  {self.what}: {done:,}/{self.total:,} ({self.rate:,.0f} images/s, eta {eta})"
+
+
+@contextlib.contextmanager
+def _ticking(what):
+    """While the block runs, a line '  what (N s)' every PROGRESS_EVERY seconds from a timer thread: the phases
+    around the decoding (checking 100k files, reading or writing a 1.2 GB cache) can take that long on a slow disk."""
+    t0, stop = time.perf_counter(), threading.Event()
+
+    def tick():
+        while not stop.wait(PROGRESS_EVERY):
+            print(f"  {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _decode_all(root, files, boxes, what):
+    """Decode every file with a thread pool (PIL releases the GIL while decoding); DataError lists all bad files.
+    The main thread prints a progress line every PROGRESS_EVERY seconds by the clock, whatever the workers do."""
+    out = np.empty((len(files), IMG, IMG, 3), np.uint8)
+    chunks = [range(i, min(i + 256, len(files))) for i in range(0, len(files), 256)]
+    done = [0] * len(chunks)  # images finished per chunk, each entry written by its one worker
+    stop = threading.Event()  # set when the main thread gives up (Ctrl-C): workers end after their current image
+
+    def work(k):
         bad = []
-        for i in chunk:
+        for i in chunks[k]:
+            if stop.is_set():
+                break
             try:
                 out[i] = _decode_image(os.path.join(root, files[i]), None if boxes is None else boxes[i])
             except Exception as e:
-                bad.append(f"{files[i]} ({type(e).__name__}: {' '.join(str(e).split())})")
+                why = e if isinstance(e, DataError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
+                bad.append(f"{files[i]} ({why})")
+            done[k] += 1
         return bad
-    chunks = [range(i, min(i + 256, len(files))) for i in range(0, len(files), 256)]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        bad = [b for chunk_bad in pool.map(work, chunks) for b in chunk_bad]
+    t0 = time.perf_counter()
+    progress = _Progress(f'decoding {what}', len(files), t0)
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        futures = [pool.submit(work, k) for k in range(len(chunks))]
+        while wait(futures, timeout=PROGRESS_EVERY).not_done:  # a timer: a slow file cannot hold a line back
+            print(progress.line(sum(done), time.perf_counter()), flush=True)
+        bad = [b for f in futures for b in f.result()]
+    finally:
+        stop.set()
+        pool.shutdown(cancel_futures=True)
     if bad:
         raise _bad_files(root, bad, 'unreadable')
+    print(f"  decoded {len(files):,} {what} images in {_fmt_duration(time.perf_counter() - t0)}", flush=True)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()  # (N, 3, 64, 64)
 
 
@@ -194,35 +424,125 @@ def _signature(root, files, extra):
     return h.hexdigest()
 
 
+def _temp_name(cache):
+    """The temporary file a cache is written to before the rename: this machine's name and this process's id tell
+    a killed run's leftover from a live writer's file (_remove_stale_temps)."""
+    return f"{cache}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _remove_stale_temps(root):
+    """Delete the cache temp files a killed run left in root: only names _temp_name makes (or older versions of
+    data.py made: no machine name), of this machine whose process is gone (or has this process's id, which a
+    container gives again after a restart), or of any machine untouched for STALE_TEMP_S. A live writer's stays."""
+    host, removed = socket.gethostname(), []
+    with os.scandir(root) as entries:
+        for e in entries:
+            m = _TEMP.fullmatch(e.name)
+            if not m or not e.is_file(follow_symlinks=False):
+                continue
+            pid = int(m['pid'])
+            with contextlib.suppress(OSError):  # gone meanwhile, or a read-only folder
+                st = e.stat(follow_symlinks=False)
+                if ((m['host'] == host and (pid == os.getpid() or not _alive(pid)))
+                        or time.time() - st.st_mtime > STALE_TEMP_S):
+                    os.remove(e.path)
+                    removed.append((e.name, st.st_size))
+    if removed:
+        print(f"removed {len(removed)} cache temp file(s) that killed runs left in {root} "
+              f"({sum(s for _, s in removed) / 2**20:,.0f} MB): {', '.join(n for n, _ in removed)}", flush=True)
+
+
+class _RecordedWrites:
+    """The temp file as torch.save sees it, keeping the first OSError of a write: torch may report a failed write
+    (a full disk) as an unrelated RuntimeError of its own."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def _cache_warning(cache, error, n):
+    """One line: the cache could not be written (read-only folder, full disk), what that costs and the fix."""
+    fix = (f"make {os.path.dirname(cache)} writable, or copy the dataset to a writable --data_dir"
+           if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+           f"free about {max(1, round(n * 3 * IMG * IMG / 2**20)):,} MB on its disk (or use a --data_dir on another)")
+    kept = ' (the previous, out-of-date cache is left as it was)' if os.path.exists(cache) else ''
+    _warn(f"could not write the cache {cache} ({error.strerror}){kept}; this run goes on from memory, but every run "
+          f"will decode these {n:,} images again until you {fix}")
+
+
 def _load_disk_split(name, split, data_dir, bbox):
     root = os.path.join(data_dir, ARCHIVES[name]['root'])
     if not os.path.isdir(root):
         raise _missing(name, data_dir, f"dataset folder {root} not found")
-    listing = _list_tin(data_dir, root, split) if name == 'tin' else _list_cub(data_dir, root, split, bbox)
-    files, labels, classes, annotations, boxes = listing
-    if not files:
-        raise _missing(name, data_dir, f"no {split} images listed under {root}")
-    signature = _signature(root, annotations + files, f'{name}|{split}|{boxes is not None}')
+    with _ticking(f'listing and checking the {name}/{split} files'):
+        listing = _list_tin(data_dir, root, split) if name == 'tin' else _list_cub(data_dir, root, split, bbox)
+        files, labels, classes, annotations, boxes = listing
+        if not files:
+            raise _missing(name, data_dir, f"no {split} images listed under {root}")
+        signature = _signature(root, annotations + files, f'{name}|{split}|{boxes is not None}')
     cache = os.path.join(root, f"cache_{split}{'_bbox' if boxes is not None else ''}.pt")
+    _remove_stale_temps(root)
+    if os.path.lexists(cache) and not os.path.isfile(cache):  # never read (a fifo blocks) nor replaced
+        what = _kind(cache) if os.path.exists(cache) else 'a broken link'
+        raise DataError(f"{cache} is {what} where data.py keeps its cache of the {split} split: move it away and try "
+                        f"again")
     if os.path.isfile(cache):
         try:
-            c = torch.load(cache, map_location='cpu', weights_only=True)
+            with _ticking(f'reading {cache}'):
+                c = torch.load(cache, map_location='cpu', weights_only=True)
             if c['version'] == CACHE_VERSION and c['signature'] == signature:
                 return Split(c['images'], c['labels'], list(c['classes']))
             print(f'{cache} is out of date, rebuilding it')
         except Exception as e:  # truncated or foreign file: rebuild rather than crash
             print(f'{cache} could not be read ({type(e).__name__}), rebuilding it')
-    print(f'decoding {len(files)} {name}/{split} images into {cache} (once) ...')
-    out = Split(_decode_all(root, files, boxes), torch.tensor(labels, dtype=torch.int64), list(classes))
-    tmp = f"{cache}.tmp.{os.getpid()}"  # written whole, then renamed: never a half-written cache
+    tmp = _temp_name(cache)
+    try:  # opened before decoding, so that a folder that cannot hold the cache is known at once
+        tmp_file = open(tmp, 'wb')
+    except OSError as e:  # a read-only dataset folder: go on without the cache, which only saves time
+        tmp_file = None
+        _cache_warning(cache, e, len(files))
     try:
-        torch.save(dict(version=CACHE_VERSION, signature=signature, **vars(out)), tmp)  # + images, labels, classes
-        os.replace(tmp, cache)
-    except OSError as e:  # e.g. a read-only dataset folder or a full disk: work without the cache
-        print(f'warning: could not write {cache}: {e}', file=sys.stderr)
+        print(f"decoding {len(files):,} {name}/{split} images" + (f" into {cache} (once)" if tmp_file else ""),
+              flush=True)
+        out = Split(_decode_all(root, files, boxes, f'{name}/{split}'), torch.tensor(labels, dtype=torch.int64),
+                    list(classes))
+        if tmp_file is not None:  # written whole, then renamed: never a half-written cache
+            writes = _RecordedWrites(tmp_file)
+            try:
+                with _ticking(f'writing {cache}'):
+                    torch.save(dict(version=CACHE_VERSION, signature=signature, **vars(out)), writes)  # + images, ...
+                    tmp_file.close()
+                os.replace(tmp, cache)
+            except (OSError, RuntimeError) as e:  # a full disk: the split in memory is whole, keep going
+                if not isinstance(e, OSError) and writes.error is None:
+                    raise  # not a failed write: a bug
+                _cache_warning(cache, writes.error or e, len(files))
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        if tmp_file is not None:
+            with contextlib.suppress(OSError):  # the flush of a failed write fails again
+                tmp_file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
     return out
 
 # -----------------------------------------------------------------------------

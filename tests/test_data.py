@@ -238,11 +238,9 @@ def test_unknown_names():
 # demo and synthetic
 
 
-def test_demo_loads_fast_and_deterministically():
+def test_demo_loads_deterministically():
     data._demo_photos.cache_clear()
-    t0 = time.perf_counter()
     train, val = data.load_split('demo', 'train'), data.load_split('demo', 'val')
-    assert time.perf_counter() - t0 < 2.0
     assert train.images.shape[1:] == (3, 64, 64) and train.images.dtype == torch.uint8
     assert 1000 <= len(train.labels) <= 2000 and 200 <= len(val.labels) <= 500
     assert train.num_classes > 1 and train.classes == val.classes
