@@ -437,7 +437,7 @@ def sample_block_masks(n, grid, num_masked, generator=None, device=None, min_are
         spans = ((ar >= start[..., None]) & (ar < (start + size)[..., None])).float()  # (2, n, tries, G) rows, cols
         added = h * w - ((spans[0] @ cover) * spans[1]).sum(-1)            # (n, tries); overlapping is fine
         fits = (added > 0) & (added <= remaining)                          # done masks (remaining 0) take nothing
-        pick = fits.byte().argmax(1, keepdim=True)                         # the first fitting proposal: rejection
+        pick = fits.long().argmax(1, keepdim=True)                         # the first fitting proposal: rejection
         ok = fits.gather(1, pick)                                          # sampling, cut at `tries`; (n, 1)
         rect = torch.stack([start[0], start[1], h, w, added]).gather(2, pick.expand(5, n, 1)) * ok  # (5, n, 1)
         rows, cols = spans.gather(2, pick[..., None].expand(2, n, 1, grid)) * ok[..., None]  # (n, 1, G) each
