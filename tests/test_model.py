@@ -133,14 +133,40 @@ def union_of_rects(rects, G):
     return union.flatten(1)
 
 
+def assert_union_of_blocks(cover, rects, patches, G):
+    """Each mask is exactly its rectangles plus its completion's 1x1 blocks, which lie outside the rectangles."""
+    union = union_of_rects(rects, G)
+    assert not (union & patches).any(), "a completion patch lies inside a rectangle"
+    assert torch.equal(union | patches, cover), "a mask is not the union of its blocks"
+
+
 @pytest.mark.parametrize('G,T', [(16, 128), (8, 32), (8, 48), (14, 49), (4, 15), (4, 1), (4, 16)])
 def test_block_masks_exact_count_and_rectangles_inside_grid(G, T):
     # exactly T patches per mask (an overshoot would leave random holes in the blocks), and each mask is exactly
-    # the union of its rectangles: no block patch left out, nothing outside the blocks
-    cover, rects = M.sample_block_masks(300, G, T, generator=torch.Generator().manual_seed(1))
+    # the union of its blocks: no block patch left out, nothing outside the blocks
+    cover, rects, patches = M.sample_block_masks(300, G, T, generator=torch.Generator().manual_seed(1))
     assert cover.shape == (300, G * G) and cover.dtype == torch.bool and rects.shape[::2] == (300, 4)
     assert torch.all(cover.sum(1) == T)
-    assert torch.equal(union_of_rects(rects, G), cover), "a mask is not the union of its rectangles"
+    assert_union_of_blocks(cover, rects, patches, G)
+
+
+@pytest.mark.parametrize('G,T', [(16, 128), (8, 48), (4, 15), (4, 16), (4, 0)])
+def test_block_masks_completion_after_the_rounds(G, T):
+    # a mask still short after its rounds (here cut to 2, so that most are) takes its missing patches as 1x1 blocks:
+    # the next uncovered patches in reading order from a random patch, so exactly T in all, never one twice
+    cover, rects, patches = M.sample_block_masks(300, G, T, generator=torch.Generator().manual_seed(4), rounds=2)
+    assert rects.shape == (300, 2, 4) and torch.all(cover.sum(1) == T)
+    assert_union_of_blocks(cover, rects, patches, G)
+    short = patches.any(1)
+    assert short.float().mean() > 0.5 or T == 0, "the completion was not exercised"
+    free = ~union_of_rects(rects, G)
+    runs, at_first = 0, 0
+    for n in short.nonzero()[:, 0].tolist():  # the taken patches are one run, cyclically, of the uncovered ones
+        run = patches[n][free[n]].int()
+        if not run.all():                       # (when it takes every uncovered patch, it has no start)
+            assert (run - run.roll(1)).clamp(min=0).sum() == 1, "the completion is not a run in reading order"
+            runs, at_first = runs + 1, at_first + bool(run[0] and not run[-1])
+    assert at_first < runs or T in (0, G * G), "the completion always starts at the first free patch"
 
 
 def test_block_masks_through_the_model_mask_exactly_the_blocks():
@@ -170,10 +196,11 @@ def test_block_masks_fresh_per_generator_state_and_reproducible():
 def test_block_masks_are_beit_like():
     # rectangles of BEiT's sizes and shapes, not a scatter of tiny ones (BEiT's own sampler at 128 of 16x16:
     # ~5.6 rectangles of mean area ~30 per mask; only the last, remainder-filling ones may be small)
-    _, rects = M.sample_block_masks(1000, 16, 128, generator=torch.Generator().manual_seed(2))
+    _, rects, patches = M.sample_block_masks(1000, 16, 128, generator=torch.Generator().manual_seed(2))
     live = rects[..., 2] > 0
-    h, w = rects[..., 2][live].float(), rects[..., 3][live].float()
-    per_mask = live.sum(1).float()
+    ones = torch.ones(int(patches.sum()))                  # the completion's 1x1 blocks, if any
+    h, w = torch.cat([rects[..., 2][live].float(), ones]), torch.cat([rects[..., 3][live].float(), ones])
+    per_mask = (live.sum(1) + patches.sum(1)).float()
     assert 4 <= per_mask.mean() <= 8 and per_mask.max() <= 20, per_mask.mean()
     assert 20 <= (h * w).mean() <= 40, (h * w).mean()
     assert (h * w == 1).float().mean() < 0.1, "too many 1x1 blocks"
@@ -184,7 +211,7 @@ def test_block_masks_are_beit_like():
 def test_block_masks_without_wrap_around():
     # a block touching the right edge must not continue on the left edge (the reproduction's bug)
     g = torch.Generator().manual_seed(3)
-    _, rects = M.sample_block_masks(500, 8, 40, generator=g)
+    _, rects, _ = M.sample_block_masks(500, 8, 40, generator=g)
     r = rects.view(-1, 4)
     r = r[r[:, 2] > 0]
     assert torch.all(r[:, 0] + r[:, 2] <= 8) and torch.all(r[:, 1] + r[:, 3] <= 8)
@@ -200,9 +227,12 @@ def test_block_masks_bad_target():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_block_masks_on_a_cuda_generator():
     g = torch.Generator(device='cuda').manual_seed(0)
-    cover, rects = M.sample_block_masks(512, 16, 128, generator=g)
-    assert cover.is_cuda and rects.is_cuda and torch.all(cover.sum(1) == 128)
-    assert torch.equal(union_of_rects(rects.cpu(), 16), cover.cpu())
+    cover, rects, patches = M.sample_block_masks(512, 16, 128, generator=g)
+    assert cover.is_cuda and rects.is_cuda and patches.is_cuda and torch.all(cover.sum(1) == 128)
+    assert_union_of_blocks(cover.cpu(), rects.cpu(), patches.cpu(), 16)
+    cover, rects, patches = M.sample_block_masks(512, 16, 128, generator=g, rounds=2)  # the completion too
+    assert torch.all(cover.sum(1) == 128) and patches.any()
+    assert_union_of_blocks(cover.cpu(), rects.cpu(), patches.cpu(), 16)
 
 
 def test_vit_lite_parameter_count():
