@@ -44,7 +44,7 @@ import pretrain
 
 # -----------------------------------------------------------------------------
 batch_sizes = '128,1024'    # comma-separated global batch sizes to time
-figures = 'mae,smae,finetune,dino,loader,peer'  # what to time, in this order: mae and peer at every batch size, the rest at the first
+figures = 'mae,smae,finetune,dino,loader,peer'  # in this order; mae and peer at every batch size, the rest at the first
 steps = 100                 # timed steps per figure
 warmup = 30                 # untimed steps first (compilation, CUDA graph capture)
 model = 'vit_lite'          # model preset
@@ -57,9 +57,9 @@ device = 'auto'             # auto | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast dtype on CUDA
 compile = True              # torch.compile (CUDA only)
 compile_mode = 'reduce-overhead'  # pretrain.py's default: CUDA graphs; the peer is compiled the same way
-process_timeout = 600       # seconds one figure's process may take (compilation included) before it and its workers are killed
-only = ''                   # 'profile': the MAE step under torch.profiler into out_dir/profile.txt; 'summary': out_dir/summary.md
-                            # from the files gpu_check.sh writes; 'peer', 'loader': time that one thing in this process
+process_timeout = 600       # seconds a figure's process may take (compiling included); then its process group is killed
+only = ''                   # 'profile': the MAE step under torch.profiler (profile.txt); 'summary': a gpu_check.sh run's
+                            # summary.md; 'peer', 'loader': time that one thing in this process (how bench.py runs itself)
 out_dir = 'out/bench'       # bench.jsonl (and profile.txt, summary.md) go here
 # -----------------------------------------------------------------------------
 AT_EVERY_BATCH = ('mae', 'peer')     # the other figures are timed at the first batch size only
@@ -190,7 +190,8 @@ def check_out_dir(cfg):
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
-        raise common.UserError(f"--out_dir {cfg.out_dir} cannot be made ({e.strerror}): choose another --out_dir") from None
+        raise common.UserError(f"--out_dir {cfg.out_dir} cannot be made ({e.strerror}): choose another --out_dir") \
+            from None
 
 
 def main(argv=None):
@@ -204,7 +205,8 @@ def main(argv=None):
     if cfg.only:  # one figure, in this fresh process: its loop returns (label, images timed, bench_start's, mode)
         batch = int(cfg.batch_sizes)
         with common.Run(cfg, 'bench', lock=False, training=False) as run:
-            label, images, (t0, known), mode = {'peer': time_transformers_peer, 'loader': loader_rate}[cfg.only](cfg, batch, run)
+            timed = {'peer': time_transformers_peer, 'loader': loader_rate}[cfg.only]
+            label, images, (t0, known), mode = timed(cfg, batch, run)
             if run.cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -214,7 +216,8 @@ def main(argv=None):
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
     print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, compile "
-          f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
+          f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure",
+          flush=True)
     path, batches, wanted = os.path.join(cfg.out_dir, 'bench.jsonl'), cfg.batch_sizes.split(','), cfg.figures.split(',')
     if 'peer' in wanted and importlib.util.find_spec('transformers') is None:  # optional: not a failure
         print(f"peer skipped: {NO_TRANSFORMERS} (pip install transformers to time its ViTMAE beside ours)", flush=True)
@@ -254,10 +257,11 @@ def table(records):
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if 'images_per_s' not in r:
-            lines.append(f"| {r['figure']} | {r.get('batch', '')} | {r.get('compile_mode_asked', '')} | | "
-                         f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'error: ' + r.get('error', '?')} | | | | |")
+            why = f"skipped: {r['skipped']}" if 'skipped' in r else f"error: {r.get('error', '?')}"
+            lines.append(f"| {r['figure']} | {r.get('batch', '')} | {r.get('compile_mode_asked', '')} | | {why} | | | | |")
             continue
-        graphs = (f"yes ({r['cudagraphs_recorded']} recorded)" if r['cudagraphs_recorded'] else 'yes') if r['cudagraphs'] else 'no'
+        graphs = 'no' if not r['cudagraphs'] else f"yes ({r['cudagraphs_recorded']} recorded)" if r['cudagraphs_recorded'] \
+            else 'yes'
         lines.append(f"| {r['figure']} | {r['batch_size']} | {r['compile_mode']} | {graphs} | {r['images_per_s']:,.0f} | "
                      f"{fmt(r.get('step_ms'), '.2f')} | {fmt(r.get('mfu') and 100 * r['mfu'], '.1f', '%')} | "
                      f"{fmt(r.get('peak_mem_gb'), '.2f', ' GB')} | {fmt(r.get('warmup_s'), '.1f')} |")
@@ -309,7 +313,8 @@ def profile(cfg):
              f"{fmt(figures['kernels_per_step'], '.0f')}",
              f"top {'kernels by device' if cuda else 'operators by own CPU'} time, per step:",
              "       ms  share   calls  name"]
-    lines += [f"  {us / n / 1000:7.3f}  {us / total_us:5.1%}  {calls / n:6.1f}  {name[:100]}" for name, (us, calls) in top]
+    lines += [f"  {us / n / 1000:7.3f}  {us / total_us:5.1%}  {calls / n:6.1f}  {name[:100]}"
+              for name, (us, calls) in top]
     text = (prof.key_averages().table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total', row_limit=40)
             if events else "(no profiled step: nothing to tabulate)")
     common.save_atomic("\n".join(lines) + f"\n\n{text}\n", os.path.join(cfg.out_dir, 'profile.txt'))
@@ -331,6 +336,13 @@ def read_jsonl(path):
     return records
 
 
+def outcome(stage):
+    """A stage's line of stages.jsonl in words."""
+    if stage.get('stopped_at_limit'):
+        return f"stopped at its {stage['limit_s']:g} s limit" + (", then killed" if stage.get('killed') else "")
+    return f"exit {stage['exit']}"
+
+
 def summary(cfg):
     """<out_dir>/summary.md from the files gpu_check.sh writes there: the stages' outcome, the tests, the figures as
     a table, what they bound for two GPUs, the ratios and the profile's summary: the text a note quotes."""
@@ -338,43 +350,47 @@ def summary(cfg):
     env = json.load(open(at('env.json'))) if os.path.exists(at('env.json')) else {}
     stages, tests, records = read_jsonl(at('stages.jsonl')), read_jsonl(at('tests.jsonl')), read_jsonl(at('bench.jsonl'))
     figures = [r for r in records if r.get('figure') != 'profile']
-    prof = next((r for r in records if r.get('figure') == 'profile'), None)
     lines = [f"# GPU check: {env.get('gpu') or 'no GPU (a dry run)'}, torch {env.get('torch', '?')}, CUDA "
              f"{env.get('cuda', '?')}, compile cache {'warm' if env.get('cache_warm') else 'cold'} at the start", ""]
     cut = [s for s in stages if s.get('stopped_at_limit') or s.get('exit')]
-    lines.append(f"Stages: {len(stages)} ran, {len(stages) - len(cut)} ended cleanly in their limits"
-                 + ("; " + "; ".join(f"{s['stage']} {'stopped at its ' + str(s['limit_s']) + ' s limit' if s.get('stopped_at_limit') else 'exit ' + str(s['exit'])}"
-                                     for s in cut) if cut else "") + ".")
-    outcome = defaultdict(list)
+    lines.append(f"Stages before this summary: {len(stages)} ran, {len(stages) - len(cut)} ended cleanly in their "
+                 f"limits" + "".join(f"; {s['stage']} {outcome(s)}" for s in cut) + ".")
+    by_outcome = defaultdict(list)
     for t in tests:
-        outcome[t['outcome']].append(t)
-    lines.append("Tests: " + (", ".join(f"{len(v)} {k}" for k, v in outcome.items()) or "none reported") + ".")
-    lines += [f"- {t['outcome']}: {t['test']}: {t.get('message') or ''}" for t in outcome['failed']]
+        by_outcome[t['outcome']].append(t)
+    lines.append("Tests: " + (", ".join(f"{len(v)} {k}" for k, v in by_outcome.items()) or "none reported") + ".")
+    lines += [f"- failed: {t['test']}: {t.get('message') or ''}" for t in by_outcome['failed']]
     lines += ["", table(figures), ""]
-    ips = {(r['figure'], r.get('batch_size'), r.get('cudagraphs')): r['images_per_s'] for r in figures if 'images_per_s' in r}
-    head = ips.get(('mae', 128, True))
-    rank_graphs, rank_default = ips.get(('mae', 64, True)), ips.get(('mae', 64, False))
-    if rank_graphs or rank_default:
-        lines.append(f"Two GPUs at batch 128 (64 per rank; the gradient all-reduce not counted): at most "
-                     f"{fmt(rank_graphs and 2 * rank_graphs, ',.0f')} images/s with CUDA graphs on both ranks, "
-                     f"{fmt(rank_default and 2 * rank_default, ',.0f')} in the default compile mode; one GPU with CUDA "
-                     f"graphs at batch 128: {fmt(head, ',.0f')}.")
-    first = lambda key: next((r['images_per_s'] for r in figures if r['figure'] == key and 'images_per_s' in r), None)  # noqa: E731
-    ratios = [(label, first(a) / first(b)) for label, a, b in [('SMAE step / MAE step (time)', 'mae', 'smae'),
-                                                               ('loader / fine-tuning (images/s)', 'loader', 'finetune'),
-                                                               ('ours / transformers ViTMAE (images/s)', 'mae', 'peer')]
-              if first(a) and first(b)]
+    # the check's figures: the headline first; one rank of a two-GPU run at half its batch, default mode and graphed
+    mae = [r for r in figures if r['figure'] == 'mae' and 'images_per_s' in r]
+    head = mae[0] if mae else None
+    rank = [r for r in mae if head and r['batch_size'] * 2 == head['batch_size']]
+    graphed = next((r['images_per_s'] for r in rank if r['cudagraphs']), None)
+    default = next((r['images_per_s'] for r in rank if r['compile_mode'] == 'default'), None)
+    if head and rank:
+        lines.append(f"Two GPUs at batch {head['batch_size']} ({head['batch_size'] // 2} per rank; the gradient "
+                     f"all-reduce not counted): at most {fmt(graphed and 2 * graphed, ',.0f')} images/s with CUDA graphs "
+                     f"on both ranks, {fmt(default and 2 * default, ',.0f')} in the default compile mode; one GPU at "
+                     f"batch {head['batch_size']}: {head['images_per_s']:,.0f}"
+                     + (" with CUDA graphs." if head['cudagraphs'] else " (no CUDA graphs)."))
+    first = {}
+    for r in figures:
+        if 'images_per_s' in r:
+            first.setdefault(r['figure'], r['images_per_s'])
+    ratios = [f"{label} {first[a] / first[b]:.2f}x" for label, a, b in [
+        ('SMAE step / MAE step (time)', 'mae', 'smae'), ('loader / fine-tuning (images/s)', 'loader', 'finetune'),
+        ('ours / transformers ViTMAE (images/s)', 'mae', 'peer')] if a in first and b in first]
     if ratios:
-        lines.append("Ratios at the first batch size: " + "; ".join(f"{label} {v:.2f}x" for label, v in ratios) + ".")
+        lines.append("Ratios at the first batch size: " + "; ".join(ratios) + ".")
+    prof = next((r for r in records if r.get('figure') == 'profile'), None)
     if prof:
         lines += ["", f"Profile (batch {prof['batch']}, {prof['compile_mode']} mode, {prof['steps_profiled']} steps after "
                       f"warm-up): host {fmt(prof['host_ms_per_step'], '.2f', ' ms')} a step, device "
                       f"{fmt(prof['device_ms_per_step'], '.2f', ' ms')}, {fmt(prof['kernels_per_step'], '.0f')} kernel "
-                      f"launches; top by own time: " + "; ".join(f"{name[:60]} {100 * share:.0f}%" for name, _, share
-                                                                  in prof['top'][:5])]
+                      f"launches; top by own time: "
+                      + "; ".join(f"{name[:60]} {100 * share:.0f}%" for name, _, share in prof['top'][:5])]
     lines += ["", "| stage | limit s | seconds | outcome |", "|---|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['limit_s']:g} | {s['seconds']:.1f} | " + ('stopped at its limit' + (', killed' if s.get('killed') else '')
-              if s.get('stopped_at_limit') else f"exit {s['exit']}") + " |" for s in stages]
+    lines += [f"| {s['stage']} | {s['limit_s']:g} | {s['seconds']:.1f} | {outcome(s)} |" for s in stages]
     text = "\n".join(lines) + "\n"
     common.save_atomic(text, at('summary.md'))
     print(text)

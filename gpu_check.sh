@@ -12,13 +12,13 @@
 #                 an error or a skip with its reason where there is one
 #   tests.jsonl   a line per CUDA test (tests/test_gpu*.py) as it ends
 #   profile.txt   the MAE step at batch 128 in the default compile mode, after warm-up: host and device time and
-#                 kernel launches per step and the top kernels, then torch.profiler's table (bench.jsonl has the summary)
+#                 kernel launches per step, the top kernels, then torch.profiler's table (bench.jsonl: the summary)
 #   env.json      GPU, driver, torch, CUDA, Python; the compile cache and whether it was warm at the start
 #   stages.jsonl  a line per stage as it ends: limit, seconds, exit code, stopped at its limit or not
 #   check.log     everything the stages printed
 #
-# Budget: 540 s, the ten stage limits plus a 5 s grace each. A 15-minute lease then keeps about 6 minutes for the
-# machine's start (a minute or two) and a rerun of the headline alone:
+# Budget: 540 s, the ten stage limits plus a 5 s grace each (and the few seconds of the CUDA probe below). A
+# 15-minute lease then keeps about 6 minutes for the machine's start (a minute or two) and a rerun of the headline:
 #   python3 bench.py --batch_sizes 128 --figures mae --steps 200 --warmup 20 --out_dir OUT_DIR
 # A stage's limit ends it whatever it does: SIGTERM to every process it started (children, their children, and those
 # that left its process group or session: they are re-parented to the stage's runner), SIGKILL GRACE seconds later,
@@ -27,13 +27,13 @@
 # Settings (environment): GPU_CHECK_SCALE multiplies every limit (default 1 on a GPU, 3 in the dry run: e.g. 2 on a
 # slower GPU); GPU_CHECK_GRACE is the grace in seconds (default 5).
 #
-# Without a CUDA device it is a dry run at small sizes (32 px demo images, 2 timed steps): every stage starts, takes
-# its success path and writes its files (about 5 minutes on 2 busy CPU cores), so a GPU session never meets a check
-# that does not start.
+# Without a CUDA device it is a dry run at small sizes (32 px demo images, 2 timed steps, limits x3): every stage
+# starts, takes its success path and writes its files (minutes on a CPU), so a GPU session never meets a check that
+# does not start.
 set -u
 OUT=${1:?usage: ./gpu_check.sh OUT_DIR}
 if [ -e "$OUT" ] && { [ ! -d "$OUT" ] || [ -n "$(ls -A "$OUT")" ]; }; then
-  echo "gpu_check.sh: error: OUT_DIR $OUT is not a new or empty folder: choose another (the check appends to its files)" >&2
+  echo "gpu_check.sh: error: OUT_DIR $OUT is not a new or empty folder: choose another (the check appends)" >&2
   exit 2
 fi
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
@@ -164,9 +164,6 @@ stage() {
   [ $? -eq 130 ] && { echo "gpu_check.sh: interrupted"; exit 130; }
   return 0
 }
-scaled() {  # a limit in seconds times GPU_CHECK_SCALE, at least 1
-  awk -v s="$SCALE" -v l="$1" 'BEGIN { t = int(s * l); print (t < 1 ? 1 : t) }'
-}
 
 if timeout -k 5 60 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   export GPU_CHECK_SCALE=${GPU_CHECK_SCALE:-1}
@@ -179,28 +176,31 @@ else
   HEAD=32 RANK=16 BIG=64 HEAD_STEPS=2 PROFILE_STEPS=3
 fi
 SCALE=$GPU_CHECK_SCALE
-echo "gpu check into $OUT: budget $BUDGET s at GPU_CHECK_SCALE 1 (now $SCALE), compile cache $TORCHINDUCTOR_CACHE_DIR"
+echo "gpu check into $OUT: budget $BUDGET s x GPU_CHECK_SCALE $SCALE; compile cache $TORCHINDUCTOR_CACHE_DIR"
 BENCH=(python3 bench.py --out_dir "$OUT" "${SIZE[@]}")
+EACH=$(awk -v s="$SCALE" 'BEGIN { t = int(40 * s); print (t < 1 ? 1 : t) }')  # seconds for each figure of `others`
 
 # stage NAME            LIMIT COMMAND
 stage env                  10 python3 - "$OUT" <<'PY'
-import json, os, subprocess, sys, torch
+import json, os, shutil, subprocess, sys, torch
 cache = os.environ['TORCHINDUCTOR_CACHE_DIR']
-smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu',
-                      '--format=csv,noheader'], capture_output=True, text=True) if torch.cuda.is_available() else None
+query = '--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu'
+smi = subprocess.run(['nvidia-smi', query, '--format=csv,noheader'], capture_output=True, text=True).stdout.strip() \
+    if shutil.which('nvidia-smi') else None
 env = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
-           cuda=torch.version.cuda, python=sys.version.split()[0], nvidia_smi=smi and smi.stdout.strip(),
+           cuda=torch.version.cuda, python=sys.version.split()[0], nvidia_smi=smi,
            compile_cache=cache, cache_warm=os.path.isdir(cache) and bool(os.listdir(cache)))
 json.dump(env, open(os.path.join(sys.argv[1], 'env.json'), 'w'), indent=1)
 print(env)
 PY
-stage headline             85 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --steps $HEAD_STEPS --process_timeout "$(scaled 75)"
-stage rank64_default       55 "${BENCH[@]}" --figures mae --batch_sizes $RANK --compile_mode default --process_timeout "$(scaled 45)"
-stage rank64_graphs        40 "${BENCH[@]}" --figures mae --batch_sizes $RANK --process_timeout "$(scaled 30)"
-stage eager                25 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --compile false --process_timeout "$(scaled 15)"
+stage headline             85 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --steps $HEAD_STEPS
+stage rank64_default       55 "${BENCH[@]}" --figures mae --batch_sizes $RANK --compile_mode default
+stage rank64_graphs        40 "${BENCH[@]}" --figures mae --batch_sizes $RANK
+stage eager                25 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --compile false
 stage tests               110 env GPU_CHECK_OUT="$OUT" python3 -m pytest -q -p no:cacheprovider tests/test_gpu*.py
-stage batch1024            40 "${BENCH[@]}" --figures mae --batch_sizes $BIG --process_timeout "$(scaled 30)"
-stage others               80 "${BENCH[@]}" --figures smae,finetune,dino,loader,peer --batch_sizes $HEAD --process_timeout "$(scaled 40)"
+stage batch1024            40 "${BENCH[@]}" --figures mae --batch_sizes $BIG
+stage others               80 "${BENCH[@]}" --figures smae,finetune,dino,loader,peer --batch_sizes $HEAD \
+                                --process_timeout $EACH
 stage profile              35 "${BENCH[@]}" --only profile --batch_sizes $HEAD --steps $PROFILE_STEPS
 stage summary              10 python3 bench.py --only summary --out_dir "$OUT"
 echo "gpu check done: $OUT/summary.md"

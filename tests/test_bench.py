@@ -170,9 +170,10 @@ def test_summary_quotes_the_figures_the_two_gpu_bound_the_profile_and_what_went_
     assert bench.main(['--only', 'summary', '--out_dir', str(tmp_path)]) == 0
     text = open(tmp_path / 'summary.md').read()
     assert text.startswith('# GPU check: NVIDIA H200, torch 2.11.0, CUDA 13.0, compile cache cold')
-    assert 'others stopped at its 80 s limit' in text and '1 passed, 1 failed' in text and 'test_b: AssertionError: boom' in text
+    assert 'others stopped at its 80 s limit, then killed' in text and '1 passed, 1 failed' in text and 'test_b: AssertionError: boom' in text
     assert '| mae | 128 | reduce-overhead | yes (2 recorded) | 30,000 |' in text and '| mae | 64 | default | no | 9,000 |' in text
-    assert 'at most 40,000 images/s with CUDA graphs on both ranks, 18,000 in the default compile mode' in text
+    assert ('at most 40,000 images/s with CUDA graphs on both ranks, 18,000 in the default compile mode; one GPU at batch '
+            '128: 30,000 with CUDA graphs.') in text
     assert 'error: timed out after 30 s' in text and 'skipped: transformers is not installed' in text
     assert 'host 5.50 ms a step, device 2.50 ms, 221 kernel launches' in text and 'triton_fused_gelu 16%' in text
 

@@ -28,7 +28,7 @@ case "$2" in *PR_SET_CHILD_SUBREAPER*) exec {sys.executable} "$@" ;; esac
 [ "$1" = -c ] && exit 1
 echo "$*" >> "$WORK/calls"
 case "$*" in
-  *"--figures mae --batch_sizes 32 --steps 2 "*)
+  *"--figures mae --batch_sizes 32 --steps 2")
     trap '' TERM
     setsid bash -c 'trap "" TERM; echo $$ > "$WORK/worker"; while :; do sleep 0.1; done' &
     while :; do sleep 0.1; done ;;
@@ -54,6 +54,12 @@ def test_the_stage_limits_add_up_to_the_stated_budget():
     assert sum(int(limit) + GRACE for _, limit in STAGES) == BUDGET
     assert f"Budget: {BUDGET} s" in SCRIPT  # the header states the same budget
     assert BUDGET <= 540  # a 15-minute lease keeps 6 minutes for the machine's start and a rerun of the headline
+
+
+def test_the_readme_states_the_same_stages_limits_and_budget():
+    speed = open(os.path.join(ROOT, 'README.md')).read().split('## Speed', 1)[1].split('\n## ', 1)[0]
+    assert re.findall(r'^\| `(\w+)` \| (\d+) \|', speed, re.M) == STAGES
+    assert f"The budget is {BUDGET} s: the limits plus a {GRACE:g} s grace each" in speed
 
 
 def test_a_stage_that_ignores_sigterm_ends_at_its_limit_and_the_check_goes_on(tmp_path):
