@@ -225,22 +225,27 @@ def main(argv=None):
         wanted.remove('peer')
     jobs = [(key, int(b)) for key in wanted for b in (batches if key in AT_EVERY_BATCH else batches[:1])]
     done = []
-    old_term = signal.signal(signal.SIGTERM, stop)  # a time limit's SIGTERM: the child is ended, the line written
+    old_term = signal.signal(signal.SIGTERM, stop)  # a time limit's SIGTERM: the child is ended, the lines written
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for key, batch in jobs:
+            for i, (key, batch) in enumerate(jobs):
                 record = dict(figure=key, batch=batch, compile=cfg.compile, compile_mode_asked=cfg.compile_mode,
                               device=name, torch=torch.__version__)
                 try:
                     record.update(measure(*command(cfg, key, batch, tmp), cfg.process_timeout))
-                except KeyboardInterrupt:
+                except KeyboardInterrupt:  # this figure, and the ones after it, say why they have no numbers
                     append_line(path, dict(record, error="stopped by a signal (a time limit, Ctrl-C) before it ended"))
+                    for key, batch in jobs[i + 1:]:
+                        append_line(path, dict(figure=key, batch=batch, error="not started: stopped before its turn"))
                     raise
                 append_line(path, record)
                 done.append(record)
-                print(f"  {key} batch {batch}: " + (f"{record['images_per_s']:,.0f} images/s, {record['compile_mode']}"
-                      + (" with CUDA graphs" if record['cudagraphs'] else "") + f", warm-up {record['warmup_s']:.1f} s"
-                      if 'error' not in record else f"failed: {record['error']}"), flush=True)
+                if 'error' in record:
+                    print(f"  {key} batch {batch} failed: {record['error']}", flush=True)
+                else:
+                    print(f"  {key} batch {batch}: {record['images_per_s']:,.0f} images/s, {record['compile_mode']}"
+                          + " with CUDA graphs" * record['cudagraphs'] + f", warm-up {record['warmup_s']:.1f} s",
+                          flush=True)
     finally:
         signal.signal(signal.SIGTERM, old_term)
     print(table(done))

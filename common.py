@@ -357,7 +357,7 @@ def cudagraph_proof(run):
             node = todo.pop()
             kinds.append(manager.id_to_mode[node.wrapped_function.id].name)
             todo += [child for children in node.children.values() for child in children]
-    except AttributeError:
+    except (AttributeError, KeyError):
         return None
     if not {'FORWARD', 'BACKWARD'} <= set(kinds):
         raise RuntimeError(f"CUDA graphs were asked for, but no {'backward' if 'FORWARD' in kinds else 'forward'} "

@@ -96,7 +96,8 @@ def test_a_figure_past_its_time_limit_is_killed_with_its_whole_process_group(tmp
 
 
 def test_sigterm_to_bench_ends_the_figure_and_says_so(tmp_path):
-    """A stage's time limit sends bench.py SIGTERM: the figure's process group is killed and its line says why."""
+    """A stage's time limit sends bench.py SIGTERM: the figure's process group is killed, and its line and the line
+    of the figure after it say why they have no numbers."""
     proc = start('bench.py', SMALL + ['--steps', '100000', '--figures', 'mae,loader', '--out_dir', str(tmp_path)])
     children, t0 = [], time.time()
     while not children and time.time() - t0 < 60 and proc.poll() is None:
@@ -109,9 +110,10 @@ def test_sigterm_to_bench_ends_the_figure_and_says_so(tmp_path):
     assert proc.returncode == 130
     time.sleep(0.5)
     assert not any(os.path.exists(f'/proc/{c}') and open(f'/proc/{c}/stat').read().split()[2] != 'Z' for c in children)
-    assert lines(tmp_path / 'bench.jsonl') == [dict(figure='mae', batch=32, compile=True, compile_mode_asked='reduce-overhead',
-                                                     device='cpu', torch=torch.__version__,
-                                                     error='stopped by a signal (a time limit, Ctrl-C) before it ended')]
+    assert lines(tmp_path / 'bench.jsonl') == [
+        dict(figure='mae', batch=32, compile=True, compile_mode_asked='reduce-overhead', device='cpu',
+             torch=torch.__version__, error='stopped by a signal (a time limit, Ctrl-C) before it ended'),
+        dict(figure='loader', batch=32, error='not started: stopped before its turn')]
 
 
 PROFILE = ['--only', 'profile', '--device', 'cpu', '--img_size', '32', '--patch_size', '8', '--dataset', 'demo']
