@@ -22,8 +22,9 @@
 #   python3 bench.py --batch_sizes 128 --figures mae --steps 200 --warmup 20 --out_dir OUT_DIR
 # A stage's limit ends it whatever it does: SIGTERM to every process it started (children, their children, and those
 # that left its process group or session: they are re-parented to the stage's runner), SIGKILL GRACE seconds later,
-# and any process a stage leaves behind is killed when it ends. All stages share one compile cache outside OUT_DIR
-# (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_gpu_check), so a graph compiled once is warm for the rest.
+# and any process a stage leaves behind is killed when it ends. All stages share torch's compile cache, outside
+# OUT_DIR (TORCHINDUCTOR_CACHE_DIR; by default /tmp/torchinductor_<user>): a graph compiled once is warm for the
+# rest of the check and for a rerun of the headline.
 # Settings (environment): GPU_CHECK_SCALE multiplies every limit (default 1 on a GPU, 3 in the dry run: e.g. 2 on a
 # slower GPU); GPU_CHECK_GRACE is the grace in seconds (default 5).
 #
@@ -40,7 +41,6 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 cd "$(dirname "$0")" || exit 2
 BUDGET=540                # seconds: the stage limits below plus GRACE each, at GPU_CHECK_SCALE 1
 export PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_gpu_check}
 export TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1   # a CUDA-graph skip is an error wherever a compile mode asks for graphs
 trap 'echo "gpu_check.sh: stopped"; exit 143' TERM
 trap 'echo "gpu_check.sh: interrupted"; exit 130' INT
@@ -176,20 +176,24 @@ else
   HEAD=32 RANK=16 BIG=64 HEAD_STEPS=2 PROFILE_STEPS=3
 fi
 SCALE=$GPU_CHECK_SCALE
-echo "gpu check into $OUT: budget $BUDGET s x GPU_CHECK_SCALE $SCALE; compile cache $TORCHINDUCTOR_CACHE_DIR"
+echo "gpu check into $OUT: budget $BUDGET s x GPU_CHECK_SCALE $SCALE"
 BENCH=(python3 bench.py --out_dir "$OUT" "${SIZE[@]}")
 EACH=$(awk -v s="$SCALE" 'BEGIN { t = int(40 * s); print (t < 1 ? 1 : t) }')  # seconds for each figure of `others`
 
 # stage NAME            LIMIT COMMAND
 stage env                  10 python3 - "$OUT" <<'PY'
 import json, os, shutil, subprocess, sys, torch
-cache = os.environ['TORCHINDUCTOR_CACHE_DIR']
+try:  # the compile cache every stage shares
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    cache = cache_dir()
+except ImportError:  # (where this torch keeps it elsewhere)
+    cache = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
 query = '--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu'
 smi = subprocess.run(['nvidia-smi', query, '--format=csv,noheader'], capture_output=True, text=True).stdout.strip() \
     if shutil.which('nvidia-smi') else None
 env = dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
            cuda=torch.version.cuda, python=sys.version.split()[0], nvidia_smi=smi,
-           compile_cache=cache, cache_warm=os.path.isdir(cache) and bool(os.listdir(cache)))
+           compile_cache=cache, cache_warm=bool(cache and os.path.isdir(cache) and os.listdir(cache)))
 json.dump(env, open(os.path.join(sys.argv[1], 'env.json'), 'w'), indent=1)
 print(env)
 PY
