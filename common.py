@@ -107,7 +107,9 @@ RULES = {
     'dataset': _choice(*data.DATASETS), 'transfer_dataset': _choice('auto', 'none', *data.DATASETS),
     'model': _choice(*M.PRESETS), 'masking': _choice(*M.MASKINGS), 'weighting': _choice(*M.WEIGHTINGS),
     'global_pool': _choice(*M.POOLS), 'pool': _choice(*M.POOLS), 'arch': _choice('vit', 'squeezenet'),
-    'dtype': _choice('bfloat16', 'float16', 'float32'), 'only': _choice('profile', 'peer', 'loader'),
+    'dtype': _choice('bfloat16', 'float16', 'float32'), 'only': _choice('profile', 'summary', 'peer', 'loader'),
+    'figures': (lambda v: set(v.split(',')) <= {'mae', 'smae', 'finetune', 'dino', 'loader', 'peer'},
+                'names from mae, smae, finetune, dino, loader, peer, comma-separated'),
     'compile_mode': _choice('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
 }  # img_size with patch_size, and the mask ratio on the grid: checked by model.ViTConfig when the script builds its model
 FREE_TEXT = ('ckpt', 'critic')  # checkpoint paths (or 'alexnet'), checked when loaded, before any data
@@ -317,12 +319,50 @@ def die_with_parent():
 def compile_mode(cfg, run):
     """torch.compile's mode for a training step, or None for eager. CUDA graphs ('reduce-overhead') only where
     they are safe: one process (DDP's gradient hooks run outside the graph) and one micro-batch per optimizer
-    step (a second backward would accumulate into gradient memory that the graph pool hands back at the next replay)."""
+    step (a second backward would accumulate into gradient memory that the graph pool hands back at the next replay).
+    In a benchmark (bench_steps > 0) a mode that asks for CUDA graphs gets them or fails: inductor's
+    cudagraph_or_error turns a skip into an error (where the torch version has it; bench_start checks again)."""
     if not (cfg.compile and run.cuda):
         return None
     if cfg.compile_mode in ('reduce-overhead', 'max-autotune') and (run.ddp or cfg.accum_steps > 1):
         return 'default' if cfg.compile_mode == 'reduce-overhead' else 'max-autotune-no-cudagraphs'
+    if cfg.compile_mode in CUDAGRAPH_MODES and getattr(cfg, 'bench_steps', 0):
+        import torch._inductor.config as inductor_config
+        if hasattr(inductor_config.triton, 'cudagraph_or_error'):
+            inductor_config.triton.cudagraph_or_error = True
     return cfg.compile_mode
+
+
+CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the torch.compile modes that capture CUDA graphs
+
+
+def cudagraph_proof(run):
+    """After warm-up, in a process whose compile mode asks for CUDA graphs: the number of graphs that inductor's
+    CUDA-graph trees recorded, or a RuntimeError saying why CUDA graphs are not in use. Two proofs: inductor counted
+    no skip, and a forward and a backward graph were recorded (a graph split into partitions can fall back to no
+    graph without a count: pytorch/pytorch#176611). None where this torch's CUDA-graph trees cannot be read (their
+    layout is internal): the skip count alone then proves it."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+    skips = counters['inductor']['cudagraph_skips']
+    if skips:
+        raise RuntimeError(f"CUDA graphs were asked for, but inductor skipped them {skips} time(s) (its log says why: "
+                           f"'skipping cudagraphs due to ...'): this figure would not be the graphed step")
+    try:
+        manager = cudagraph_trees.get_manager(run.device.index if run.device.index is not None else
+                                              torch.cuda.current_device(), create_if_none_exists=False) if run.cuda else None
+        todo = [node for nodes in (manager.roots.values() if manager else []) for node in nodes]
+        kinds = []
+        while todo:  # the tree: each recorded graph, then the graphs recorded after it
+            node = todo.pop()
+            kinds.append(manager.id_to_mode[node.wrapped_function.id].name)
+            todo += [child for children in node.children.values() for child in children]
+    except (AttributeError, KeyError):
+        return None
+    if not {'FORWARD', 'BACKWARD'} <= set(kinds):
+        raise RuntimeError(f"CUDA graphs were asked for, but no {'backward' if 'FORWARD' in kinds else 'forward'} "
+                           f"graph was recorded after warm-up (recorded: {', '.join(kinds) or 'none'})")
+    return len(kinds)
 
 
 # -----------------------------------------------------------------------------
@@ -499,28 +539,39 @@ def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05):
     return steps
 
 
-def bench_start(run):
-    """The benchmark mode's clock starts here, after the warm-up steps (compilation, CUDA graph capture)."""
+def bench_start(run, since, cudagraphs):
+    """The benchmark mode's clock starts here, after the warm-up steps. `since`: time.time() at the loop's start, so
+    the warm-up's wall time (compilation and CUDA graph capture included) is reported apart from the steady state;
+    `cudagraphs`: the compile mode asks for CUDA graphs, which are then proven in use here (cudagraph_proof).
+    Returns (start of the clock, the figures known so far) for bench_result."""
     if run.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(run.device)
-    return time.perf_counter()
+    warmup_s = time.time() - since
+    recorded = cudagraph_proof(run) if cudagraphs else 0
+    figures = dict(warmup_s=round(warmup_s, 2), cudagraphs=cudagraphs, cudagraphs_recorded=recorded)
+    return time.perf_counter(), figures
 
 
-def bench_result(run, t0, cfg, flops, peak, loss, label):
-    """The benchmark mode's figures over the timed steps, printed as a line and as JSON (for bench.py, which runs
-    each configuration in a process of its own)."""
+def bench_result(run, start, cfg, flops, peak, loss, label):
+    """The benchmark mode's figures over the timed steps (`start`: what bench_start returned), printed as a line and
+    as JSON (for bench.py, which runs each configuration in a process of its own)."""
     loss = float(loss)  # a host sync: every timed step has finished
     if run.cuda:
         torch.cuda.synchronize()
+    t0, figures = start
     dt = time.perf_counter() - t0
     ips = cfg.bench_steps * cfg.batch_size / dt
+    mode = compile_mode(cfg, run)
     result = dict(label=label, images_per_s=ips, step_ms=1000 * dt / cfg.bench_steps, batch_size=cfg.batch_size,
                   mfu=ips * flops / (peak * run.world_size) if peak else None, world_size=run.world_size,
-                  peak_mem_gb=torch.cuda.max_memory_allocated(run.device) / 1e9 if run.cuda else None, loss=loss)
+                  peak_mem_gb=torch.cuda.max_memory_allocated(run.device) / 1e9 if run.cuda else None, loss=loss,
+                  compile_mode=mode or 'eager', steps=cfg.bench_steps, warmup_steps=cfg.bench_warmup, **figures)
     run.print(f"bench {label} batch {cfg.batch_size}: {ips:,.0f} images/s | step {result['step_ms']:.2f} ms | MFU "
               + (f"{100 * result['mfu']:.1f}%" if result['mfu'] else 'n/a') + " | peak memory "
-              + (f"{result['peak_mem_gb']:.2f} GB" if run.cuda else 'n/a'))
+              + (f"{result['peak_mem_gb']:.2f} GB" if run.cuda else 'n/a')
+              + f" | {mode or 'eager'}" + (" with CUDA graphs" if figures['cudagraphs'] else "")
+              + f" | warm-up {figures['warmup_s']:.1f} s")
     run.print("BENCH_JSON " + json.dumps(result))
     return result
 

@@ -239,7 +239,7 @@ def train(cfg, given, ck, mcfg, critic, run):
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
             if cfg.bench_steps and step == cfg.bench_warmup:  # benchmark: the timed steps start here
-                t_bench = common.bench_start(run)
+                t_bench = common.bench_start(run, t_start, cudagraphs)
             lr_now = common.get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group['lr'] = lr_now * group['lr_scale']

@@ -1,4 +1,4 @@
-"""What the CPU can show of CUDA-graph capture: the real pre-training, SMAE and fine-tuning steps compile with
+"""What the CPU can show of CUDA-graph capture: the real pre-training, SMAE, fine-tuning and DINO steps compile with
 fullgraph=True (a graph break raises) into one graph each, and an lr change, an epoch boundary, a checkpoint, a
 val pass, pictures and kNN never make dynamo compile the step again. On CUDA the same graph is what
 mode='reduce-overhead' captures; a recompilation there would mean a second capture (or a silent fallback)."""
@@ -8,6 +8,7 @@ from torch._dynamo.testing import CompileCounter
 
 import bench
 import common
+import dino
 import finetune
 import pretrain
 from conftest import script_argv
@@ -44,3 +45,11 @@ def test_finetune_step_is_one_graph(counted, tiny, pre):
                                       '--drop_path', 0.1))
     assert finetune.main(argv) == 0
     assert counted.frame_count == 1
+
+
+def test_dino_step_is_one_graph(counted, tiny):
+    """Both networks and the loss in one graph; the teacher temperature (a buffer filled each step), the teacher's EMA
+    and the centre update outside it never recompile it."""
+    argv = script_argv(dino, tiny(*RUN, '--local_crops_number', 2, '--warmup_teacher_temp_epochs', 1, '--knn_bank', 64))
+    assert dino.main(argv) == 0
+    assert counted.frame_count == 1, f"{counted.frame_count} graphs: a graph break or a recompilation"

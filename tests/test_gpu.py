@@ -1,15 +1,18 @@
 """The CUDA path end to end: bf16 autocast, torch.compile with CUDA graphs, accumulation, an fp16 resume, SMAE, DINO,
-fine-tuning, probing and evaluation on the GPU. A session with a GPU runs them first, through
+fine-tuning, probing and evaluation on the GPU. A session with a GPU runs them through
     ./gpu_check.sh OUT_DIR
-which also runs the benchmark (speed is printed by benchmarks, never asserted by tests). Each test has 120 s.
+which also runs the benchmark (speed is printed by benchmarks, never asserted by tests). Each test has 120 s; where a
+compile mode asks for CUDA graphs, a skip fails the test. Nothing here needs the network (the GPU machine has none).
 Without CUDA they run as a dry run of the same calls, small and on the CPU, with the CUDA-only assertions left out:
 a GPU session, which has minutes, must never find a test that fails for a reason a CPU could have shown."""
 import json
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import bench
 import common
@@ -44,6 +47,18 @@ def time_limit():
     signal.signal(signal.SIGALRM, old)
 
 
+@pytest.fixture(autouse=True)
+def cuda_graphs_or_error():
+    """Where a compile mode asks for CUDA graphs, a skip is an error: inductor raises at compile time
+    (cudagraph_or_error, where this torch has it) and the skips it counted must stay 0."""
+    import torch._inductor.config as inductor_config
+    counters['inductor'].clear()
+    strict = {'triton.cudagraph_or_error': True} if hasattr(inductor_config.triton, 'cudagraph_or_error') else {}
+    with inductor_config.patch(strict):
+        yield
+    assert counters['inductor']['cudagraph_skips'] == 0, "inductor skipped CUDA graphs (its log says why)"
+
+
 def log(out, event):
     return [r for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if r['event'] == event]
 
@@ -55,6 +70,8 @@ def test_pretrain_default_cuda_path_bf16_compiled_cuda_graphs(tmp_path):
     assert start['config']['compile'] is True
     if CUDA:
         assert start['dtype'] == 'bfloat16' and torch.backends.cuda.matmul.allow_tf32
+        graphs = common.cudagraph_proof(SimpleNamespace(cuda=True, device=torch.device('cuda')))
+        assert graphs is None or graphs >= 2  # a forward and a backward graph recorded (None: unreadable here)
     losses = [r['loss'] for r in log(tmp_path / 'pt', 'train')]
     assert losses[-1] < 0.7 * losses[0]
     assert len(log(tmp_path / 'pt', 'knn')) == 2  # the floor at the start, and at the last checkpoint
@@ -91,7 +108,8 @@ def test_finetune_probe_evaluate_on_cuda(tmp_path, pre):
     assert json.load(open(tmp_path / 'ft' / 'results.json'))['top1'] > 0
     assert probe.main(small(probe, ['--ckpt', pre, '--dataset', 'demo', '--epochs', '5', '--warmup_epochs', '1',
                                     '--out_dir', str(tmp_path / 'pr')])) == 0
-    assert evaluate.main(small(evaluate, ['--ckpt', pre, '--dataset', 'demo', '--probe_epochs', '5',
+    # LPIPS off: it fetches AlexNet's weights, and the GPU machine has no network
+    assert evaluate.main(small(evaluate, ['--ckpt', pre, '--dataset', 'demo', '--probe_epochs', '5', '--use_lpips', 'false',
                                           '--out_dir', str(tmp_path / 'ev')])) == 0
     ev = json.load(open(tmp_path / 'ev' / 'eval.json'))
     assert ev['reconstruction']['model']['psnr'] > 0 and ev['representation']['demo']['model']['probe']['top1'] >= 0
