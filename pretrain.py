@@ -112,18 +112,22 @@ def load_critic(cfg):
 @torch.no_grad()
 def calibrate(objective, loader, cfg, run):
     """c = mean over the first calib_batches batches of L_pixel / L_percep, measured before any update, so the two
-    terms start equal. All ranks agree on it; it is stored in the checkpoint so a resumed run keeps it."""
-    gen = torch.Generator(device=run.device).manual_seed(data.seed_for(cfg.seed, 2))
-    ratios = []
+    terms start equal. Each batch's masks are drawn for the whole global batch from (seed, step) and its two losses
+    are averaged over all its micro-batches and ranks before the ratio: the same c whatever the number of ranks and
+    accumulation steps. It is stored in the checkpoint so a resumed run keeps it."""
+    gen, ratios = torch.Generator(device=run.device), []
     for step, micro_batches in loader.epoch(0):
         if step >= cfg.calib_batches:
             break
-        x = micro_batches[0][0]
-        noise = objective.mae.masking_noise(x.shape[0], cfg.mask, cfg.masking, generator=gen, device=run.device)
-        with run.autocast:
-            pixel, percep, _, _ = objective.loss_terms(x, cfg.mask, noise)
-        ratios.append(pixel.float() / percep.float())
-    c = run.mean(torch.stack(ratios).mean().item())
+        gen.manual_seed(data.seed_for(cfg.seed, 2, step))
+        noise = objective.mae.masking_noise(cfg.batch_size, cfg.mask, cfg.masking, generator=gen, device=run.device)
+        terms = torch.zeros(2, device=run.device)  # (pixel, perceptual) summed over the micro-batches
+        for micro, (x, _) in enumerate(micro_batches):
+            with run.autocast:
+                pixel, percep, _, _ = objective.loss_terms(x, cfg.mask, noise[loader.rows(micro)])
+            terms += torch.stack([pixel.float(), percep.float()])
+        ratios.append(run.mean(terms[0].item()) / run.mean(terms[1].item()))  # a ratio of global-batch means
+    c = sum(ratios) / len(ratios)
     objective.c.fill_(c)
     run.log(dict(event='calibration', c=c, batches=len(ratios)),
             f"SMAE calibration: c = {c:.4g} (pixel / perceptual loss over {len(ratios)} batches)")
