@@ -365,10 +365,11 @@ def lost_peer(exc):
 class FlatGrads:
     """The gradients of `module`'s trainable parameters as contiguous tensors over the memory of one flat fp32
     buffer (its views), for data parallelism that leaves the compiled step, CUDA graphs included, as it is in one
-    process (no DistributedDataParallel wrapper, whose hooks would run inside the backward): after the last
-    micro-batch's backward, all_reduce() averages the whole buffer over the ranks in one collective; then the loop
-    clips and steps as usual, and zero() clears the buffer in one op. Under torchrun the parameters and buffers are
-    first broadcast from rank 0, as DistributedDataParallel's constructor does.
+    process (no DistributedDataParallel wrapper: its hooks fire during the backward, between compiled graphs, as
+    torch.compile splits the step at DDP's gradient buckets): after the last micro-batch's backward, all_reduce()
+    averages the whole buffer over the ranks in one collective; then the loop clips and steps as usual, and zero()
+    clears the buffer in one op. Under torchrun the parameters and buffers are first broadcast from rank 0, as
+    DistributedDataParallel's constructor does.
 
     Why this is safe with CUDA graphs: a .grad exists before every backward, so autograd's AccumulateGrad adds the
     new gradient into it in place (torch/csrc/autograd/functions/accumulate_grad.h, 'Case 2.3: In-place addition')
