@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -28,6 +29,10 @@ class UserError(Exception):
     """Something the user can fix (a config value, a path, a file). Printed as one line; exit code 2."""
 
 
+class PeerLost(Exception):
+    """Under torchrun, another rank died (killed, crashed): printed as one line with the resume command; exit code 1."""
+
+
 class NonFiniteLoss(Exception):
     """Training diverged. Printed as one line; exit code 1. The last good checkpoint is left as it was."""
 
@@ -43,9 +48,9 @@ def cli(main):
     script = os.path.basename(sys.argv[0])
     try:
         code = main(sys.argv[1:])
-    except (UserError, data.DataError, NonFiniteLoss) as e:
+    except (UserError, data.DataError, NonFiniteLoss, PeerLost) as e:
         print(f"{script}: error: {e}", file=sys.stderr)
-        code = 1 if isinstance(e, NonFiniteLoss) else 2
+        code = 1 if isinstance(e, (NonFiniteLoss, PeerLost)) else 2
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise  # a bug: the traceback is what a bug report needs
@@ -204,8 +209,12 @@ class Run:
             raise UserError(f"--device {want} asked for, but no CUDA device is available: use --device cpu")
         self.rank, self.local_rank, self.world_size = (
             [int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')] if self.ddp else (0, 0, 1))
-        self.device = torch.device(f'cuda:{self.local_rank}' if self.ddp and want.startswith('cuda') else want)
+        # torchrun: a GPU per local rank (LOCAL_RANK), talking over NCCL; where a node has fewer GPUs than ranks
+        # (e.g. two ranks on a 1-GPU machine, to test) they share them and talk over gloo, as on a CPU
+        gpus, local_ranks = torch.cuda.device_count(), int(os.environ.get('LOCAL_WORLD_SIZE', self.world_size))
+        self.device = torch.device(f'cuda:{self.local_rank % gpus}' if self.ddp and want.startswith('cuda') else want)
         self.master, self.cuda = self.rank == 0, self.device.type == 'cuda'
+        self.backend = ('nccl' if self.cuda and local_ranks <= gpus else 'gloo') if self.ddp else None
         if self.cuda and self.device.index is not None and self.device.index >= torch.cuda.device_count():
             raise UserError(f"--device {want}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         # precision: bf16 autocast by default on CUDA; fp16 adds a GradScaler; the CPU runs float32
@@ -219,7 +228,7 @@ class Run:
         if self.ddp:
             if self.cuda:
                 torch.cuda.set_device(self.device)
-            dist.init_process_group(backend='nccl' if self.cuda else 'gloo')
+            dist.init_process_group(backend=self.backend)
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul/conv that remains
             torch.backends.cudnn.allow_tf32 = True
@@ -235,13 +244,28 @@ class Run:
             raise KeyboardInterrupt  # unwind now (finally blocks end worker processes); a second Ctrl-C too
         self.stop_signal = signum    # a training loop saves a checkpoint after this step and exits 128 + signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         if self._lock_fd is not None:
             unlock_out_dir(self._lock_fd, self.out_dir)
         if self.ddp and dist.is_initialized():
             dist.destroy_process_group()
+        if self.ddp and lost_peer(exc):  # the backend's error, a traceback of our collective, says less than this
+            raise PeerLost(self._lost_peer_line()) from None
+
+    def _lost_peer_line(self):
+        who = f"rank {1 - self.rank} of 2" if self.world_size == 2 else f"another of the {self.world_size} ranks"
+        nodes = int(os.environ.get('LOCAL_WORLD_SIZE', self.world_size)) != self.world_size
+        command = ("the same torchrun command on every node, ending in " if nodes else
+                   f"torchrun --nproc_per_node={self.world_size} ") + f"{self.script}.py"
+        ckpt = os.path.join(self.out_dir, 'ckpt.pt')
+        if self.training and self.lock and os.path.exists(ckpt):
+            then = (f"{ckpt} holds the last checkpoint: resume with {command} --resume true --out_dir "
+                    f"{shlex.quote(self.out_dir)}")
+        else:
+            then = f"nothing was saved by this run: start it again ({command} ...)"
+        return f"lost {who} (killed, crashed or out of memory: its own output says which); {then}"
 
     def print(self, *a):
         if self.master:
@@ -266,9 +290,11 @@ class Run:
     def banner(self, extra):
         dev = torch.cuda.get_device_name(self.device) if self.cuda else f'cpu ({torch.get_num_threads()} threads)'
         versions = f"torch {torch.__version__}, python {sys.version.split()[0]}"
+        ranks = (f" x {self.world_size} ranks over {self.backend}" + (" (more ranks than GPUs: they share them)"
+                 if self.cuda and self.backend == 'gloo' else "")) if self.ddp else ""
         self.log(dict(event='start', script=self.script, config=vars(self.cfg), versions=versions, device=dev,
-                      world_size=self.world_size, dtype=self.dtype, **extra),
-                 f"{self.script}: {versions}; device {dev} x {self.world_size}; {self.dtype}\nconfig: "
+                      world_size=self.world_size, backend=self.backend, dtype=self.dtype, **extra),
+                 f"{self.script}: {versions}; device {dev}{ranks}; {self.dtype}\nconfig: "
                  + " ".join(f"{k}={v}" for k, v in vars(self.cfg).items()) + "\n"
                  + " | ".join(f"{k} {v}" for k, v in extra.items()))
 
@@ -317,20 +343,83 @@ def die_with_parent():
 
 
 def compile_mode(cfg, run):
-    """torch.compile's mode for a training step, or None for eager. CUDA graphs ('reduce-overhead') only where
-    they are safe: one process (DDP's gradient hooks run outside the graph) and one micro-batch per optimizer
-    step (a second backward would accumulate into gradient memory that the graph pool hands back at the next replay).
-    In a benchmark (bench_steps > 0) a mode that asks for CUDA graphs gets them or fails: inductor's
-    cudagraph_or_error turns a skip into an error (where the torch version has it; bench_start checks again)."""
+    """torch.compile's mode for a training step, or None for eager (the CPU, --compile false). CUDA graphs
+    ('reduce-overhead', 'max-autotune') are kept in every case the loops run, torchrun and --accum_steps > 1
+    included: what made them unsafe there was gradient memory, and FlatGrads moves it out of the graph pool
+    (each backward adds into .grad views of one buffer of ours; the all-reduce runs on that buffer, after the
+    replayed backward, outside the graph). In a benchmark (bench_steps > 0) a mode that asks for CUDA graphs gets
+    them or fails: inductor's cudagraph_or_error turns a skip into an error (where the torch version has it;
+    bench_start checks again)."""
     if not (cfg.compile and run.cuda):
         return None
-    if cfg.compile_mode in ('reduce-overhead', 'max-autotune') and (run.ddp or cfg.accum_steps > 1):
-        return 'default' if cfg.compile_mode == 'reduce-overhead' else 'max-autotune-no-cudagraphs'
     if cfg.compile_mode in CUDAGRAPH_MODES and getattr(cfg, 'bench_steps', 0):
         import torch._inductor.config as inductor_config
         if hasattr(inductor_config.triton, 'cudagraph_or_error'):
             inductor_config.triton.cudagraph_or_error = True
     return cfg.compile_mode
+
+
+# -----------------------------------------------------------------------------
+# data parallelism without a wrapper: the gradients live in one flat buffer, all-reduced outside the graph
+
+
+LOST_PEER = re.compile(r'remote (worker|process)|(closed|reset) by peer|Broken pipe|communicator was aborted')
+
+
+def lost_peer(exc):
+    """Whether an exception is a collective's failure because another rank is gone (gloo: 'Connection closed by
+    peer', 'reset by peer'; NCCL: a remote process or an aborted communicator; torch's DistError family)."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and bool(LOST_PEER.search(str(exc))))
+
+
+class FlatGrads:
+    """The gradients of `module`'s trainable parameters as contiguous tensors over the memory of one flat fp32
+    buffer (its views), for data parallelism that leaves the compiled step, CUDA graphs included, as it is in one
+    process (no DistributedDataParallel wrapper: its hooks fire during the backward, between compiled graphs, as
+    torch.compile splits the step at DDP's gradient buckets): after the last micro-batch's backward, all_reduce()
+    averages the whole buffer over the ranks in one collective; then the loop clips and steps as usual, and zero()
+    clears the buffer in one op. Under torchrun the parameters and buffers are first broadcast from rank 0, as
+    DistributedDataParallel's constructor does.
+
+    Why this is safe with CUDA graphs: a .grad exists before every backward, so autograd's AccumulateGrad adds the
+    new gradient into it in place (torch/csrc/autograd/functions/accumulate_grad.h, 'Case 2.3: In-place addition')
+    instead of keeping the compiled backward's output, which lives in the graph pool and is overwritten by the next
+    replay, as the .grad ('Case 1.1', what happens after zero_grad(set_to_none=True)). Micro-batches accumulate into
+    the buffer the same way. So nothing may set a .grad to None for good: where a step must skip a parameter (DINO's
+    frozen last layer) the loop sets it to None before optimizer.step(), and zero() hands the view back."""
+
+    def __init__(self, module, run):
+        self.run = run
+        if run.ddp:
+            with torch.no_grad():
+                for t in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(t.detach(), src=0)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        assert dtypes == {torch.float32}, f"FlatGrads needs float32 parameters, got {dtypes}"
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), device=run.device)
+        # each gradient: the parameter's shape over its slice of the buffer's memory. Made with set_, not by slicing:
+        # torch.compile's fake tensors rebuild a slice (an autograd view) from its base for every parameter, which
+        # made the first compile 2-3 times slower
+        self.views, offset = [], 0
+        for p in self.params:
+            self.views.append(torch.empty(0, device=run.device).set_(self.buffer.untyped_storage(), offset, p.shape))
+            offset += p.numel()
+        self.zero()
+
+    def all_reduce(self):
+        """The mean of the gradients over the ranks: a sum, then a division (ReduceOp.AVG is NCCL-only). One process:
+        nothing to do."""
+        if self.run.ddp:
+            dist.all_reduce(self.buffer)
+            self.buffer.div_(self.run.world_size)
+
+    def zero(self):
+        """Zero every gradient (one op on the buffer) and make any .grad that was set to None its view again."""
+        self.buffer.zero_()
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:
+                p.grad = view
 
 
 CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the torch.compile modes that capture CUDA graphs

@@ -23,7 +23,6 @@ a rotation of the chroma plane in YIQ space rather than a shift in HSV (see colo
 DINO's: each parameter's gradient norm is clipped on its own. The checkpoint's `model` is the teacher's encoder
 (what DINO evaluates), so finetune.py, probe.py and evaluate.py read it as they read a pretrain.py checkpoint.
 """
-import contextlib
 import json
 import math
 import os
@@ -33,7 +32,6 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
@@ -84,7 +82,7 @@ grad_clip = 3.0             # clip each parameter's gradient norm at this value 
 device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast on CUDA: bfloat16 | float16 (with GradScaler) | float32; the CPU runs float32
 compile = True              # torch.compile the training step on CUDA (the CPU runs eager)
-compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (default mode under DDP or accumulation)
+compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (kept under torchrun and with accum_steps > 1)
 seed = 0                    # seeds the initialisation, the data order and the views
 # output
 out_dir = 'out/dino'        # ckpt.pt, log.jsonl, results.json
@@ -263,8 +261,8 @@ def dino_loss(student_out, teacher_out, center, teacher_temp, student_temp):
 
 
 class DINO(nn.Module):
-    """Student and teacher and the loss in one module, so that one torch.compile covers the step; DDP wraps it and
-    syncs the student's gradients (the teacher has none: it is an EMA of the student, updated by update_teacher)."""
+    """Student and teacher and the loss in one module, so that one torch.compile covers the step; only the student
+    has gradients (the teacher is an EMA of the student, updated by update_teacher)."""
 
     def __init__(self, student, teacher, out_dim, student_temp):
         super().__init__()
@@ -406,11 +404,12 @@ def train(cfg, given, ck, mcfg, run):
                 'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size, 'micro batch': loader.micro_batch,
                 'peak lr': f"{peak_lr:.3g}", 'start step': step})
 
-    # compile the DINO module (both networks + loss) and wrap it for DDP; `dino` stays raw for saving and updates
+    # compile the DINO module (both networks + loss); `dino` stays raw for saving and updates. No DDP wrapper: the
+    # student's gradients are views of one buffer, averaged over the ranks by one all-reduce after backward,
+    # outside the graph (see common.FlatGrads)
     mode = common.compile_mode(cfg, run)
     step_model = torch.compile(dino, mode=mode) if mode else dino
-    if run.ddp:
-        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    grads = common.FlatGrads(dino, run)  # under torchrun, first rank 0's weights (both networks) to every rank
     cudagraphs = mode in ('reduce-overhead', 'max-autotune')
     peak = common.peak_flops(run)
     teacher_params, student_params = list(teacher.parameters()), list(student.parameters())
@@ -459,22 +458,21 @@ def train(cfg, given, ck, mcfg, run):
                 global_views, local_views = views(data.denormalize(x), u[:, loader.rows(micro)])
                 if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last step's outputs are consumed
-                # under DDP, gradients are all-reduced once per optimizer step, on its last micro-batch
-                with step_model.no_sync() if run.ddp and micro < cfg.accum_steps - 1 else contextlib.nullcontext():
-                    with run.autocast:
-                        loss, t_sum, entropy = step_model(global_views, local_views)
-                    run.scaler.scale(loss / cfg.accum_steps).backward()
+                with run.autocast:
+                    loss, t_sum, entropy = step_model(global_views, local_views)
+                run.scaler.scale(loss / cfg.accum_steps).backward()  # adds into the gradient buffer
                 sums += torch.stack([loss.detach(), entropy])  # summed on the device: no host sync per step
                 teacher_sum += t_sum
                 n_losses += 1
+            grads.all_reduce()  # under torchrun: the gradients' mean over the ranks, once per optimizer step
             if cfg.grad_clip > 0:
                 run.scaler.unscale_(optimizer)
                 clip_per_tensor(student_params, cfg.grad_clip)
-            if epoch < cfg.freeze_last_layer:
-                student.head.last_layer.weight.grad = None  # DINO: the last layer is not updated in the first epochs
+            if epoch < cfg.freeze_last_layer:  # DINO: the last layer is not updated in the first epochs (AdamW skips
+                student.head.last_layer.weight.grad = None  # a parameter without a gradient: no momentum, no decay)
             run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
             run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grads.zero()  # not zero_grad(set_to_none=True): the gradients stay views of the buffer (the frozen one too)
             # the teacher and the centre, identically on every rank (the student's weights and the sums are the same)
             update_teacher(teacher_params, student_params, common.get_lr(step, total_steps, 0, cfg.momentum_teacher, 1.0))
             if run.ddp:

@@ -13,7 +13,6 @@ study's fine-tuning recipe (its Table 6, listed in the README's recipe table). W
 order depends only on (seed, epoch); the augmentation and mixup draws on (seed, epoch, step, rank, micro-step).
 A pretrain.py or dino.py checkpoint (--ckpt) gives the encoder.
 """
-import contextlib
 import json
 import math
 import os
@@ -22,7 +21,6 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
@@ -64,7 +62,7 @@ grad_clip = 0.0             # clip the gradient norm at this value; 0 = off (as 
 device = 'auto'             # auto (cuda if available) | cuda | cpu
 dtype = 'bfloat16'          # autocast on CUDA: bfloat16 | float16 (with GradScaler) | float32; CPU runs float32
 compile = True              # torch.compile the model on CUDA (CPU runs eager)
-compile_mode = 'reduce-overhead'  # torch.compile mode; reduce-overhead = CUDA graphs (under DDP: default)
+compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (kept under torchrun and with accum_steps > 1)
 seed = 0                    # seeds the head / model initialisation, the data order, the augmentation and drop path
 # output
 out_dir = 'out/finetune'    # ckpt.pt, log.jsonl, results.json
@@ -219,11 +217,11 @@ def train(cfg, given, ck, pre, run):
                 'base lr': f"{base_lr(cfg):.3g}" + (" (the recipe's for " + cfg.dataset + ")" if cfg.lr == 0 else ""),
                 'peak lr': f"{peak_lr:.3g}", 'layer decay': cfg.layer_decay, 'start step': step})
 
-    # compile the classifier and wrap it for DDP; `net` stays raw for saving and evaluation
+    # compile the classifier; `net` stays raw for saving and evaluation. No DDP wrapper: the gradients are views of
+    # one buffer, averaged over the ranks by one all-reduce after backward, outside the graph (see common.FlatGrads)
     mode = common.compile_mode(cfg, run)
     step_model = torch.compile(net, mode=mode) if mode else net
-    if run.ddp:
-        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    grads = common.FlatGrads(net, run)  # under torchrun, first rank 0's weights to every rank
     cudagraphs = mode in ('reduce-overhead', 'max-autotune')
     peak = common.peak_flops(run)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
@@ -268,19 +266,18 @@ def train(cfg, given, ck, pre, run):
                                                 cfg.label_smoothing, seed=data.seed_for(cfg.seed, 3, step, run.rank, micro))
                 if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last step's outputs are consumed
-                # under DDP, gradients are all-reduced once per optimizer step, on its last micro-batch
-                with step_model.no_sync() if run.ddp and micro < cfg.accum_steps - 1 else contextlib.nullcontext():
-                    with run.autocast:
-                        loss = criterion(step_model(x), y, soft)
-                    run.scaler.scale(loss / cfg.accum_steps).backward()
+                with run.autocast:
+                    loss = criterion(step_model(x), y, soft)
+                run.scaler.scale(loss / cfg.accum_steps).backward()  # adds into the gradient buffer
                 loss_sum += loss.detach()  # summed on the device: no host sync per step
                 n_losses += 1
+            grads.all_reduce()  # under torchrun: the gradients' mean over the ranks, once per optimizer step
             if cfg.grad_clip > 0:
                 run.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
             run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grads.zero()  # not zero_grad(set_to_none=True): the gradients stay views of the buffer
             step += 1
 
             if cfg.bench_steps:

@@ -11,7 +11,6 @@ study's pre-training recipe (its Table 6, listed in the README's recipe table). 
 whatever the number of processes or accumulation steps: the global batch, its order and its masks depend only on
 (seed, step).
 """
-import contextlib
 import json
 import math
 import os
@@ -20,7 +19,6 @@ from dataclasses import asdict
 
 import torch
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import data
@@ -63,7 +61,7 @@ grad_clip = 0.0             # clip the gradient norm at this value; 0 = off (as 
 device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast on CUDA: bfloat16 | float16 (with GradScaler) | float32; the CPU runs float32
 compile = True              # torch.compile the training step on CUDA (the CPU runs eager)
-compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (default mode under DDP or accumulation)
+compile_mode = 'reduce-overhead'  # reduce-overhead = CUDA graphs (kept under torchrun and with accum_steps > 1)
 seed = 0                    # seeds the initialisation, the data order and the masks
 # output
 out_dir = 'out/pretrain'    # ckpt.pt, log.jsonl, results.json, recon_*.png
@@ -114,18 +112,22 @@ def load_critic(cfg):
 @torch.no_grad()
 def calibrate(objective, loader, cfg, run):
     """c = mean over the first calib_batches batches of L_pixel / L_percep, measured before any update, so the two
-    terms start equal. All ranks agree on it; it is stored in the checkpoint so a resumed run keeps it."""
-    gen = torch.Generator(device=run.device).manual_seed(data.seed_for(cfg.seed, 2))
-    ratios = []
+    terms start equal. Each batch's masks are drawn for the whole global batch from (seed, step) and its two losses
+    are averaged over all its micro-batches and ranks before the ratio: the same c whatever the number of ranks and
+    accumulation steps. It is stored in the checkpoint so a resumed run keeps it."""
+    gen, ratios = torch.Generator(device=run.device), []
     for step, micro_batches in loader.epoch(0):
         if step >= cfg.calib_batches:
             break
-        x = micro_batches[0][0]
-        noise = objective.mae.masking_noise(x.shape[0], cfg.mask, cfg.masking, generator=gen, device=run.device)
-        with run.autocast:
-            pixel, percep, _, _ = objective.loss_terms(x, cfg.mask, noise)
-        ratios.append(pixel.float() / percep.float())
-    c = run.mean(torch.stack(ratios).mean().item())
+        gen.manual_seed(data.seed_for(cfg.seed, 2, step))
+        noise = objective.mae.masking_noise(cfg.batch_size, cfg.mask, cfg.masking, generator=gen, device=run.device)
+        terms = torch.zeros(2, device=run.device)  # (pixel, perceptual) summed over the micro-batches
+        for micro, (x, _) in enumerate(micro_batches):
+            with run.autocast:
+                pixel, percep, _, _ = objective.loss_terms(x, cfg.mask, noise[loader.rows(micro)])
+            terms += torch.stack([pixel.float(), percep.float()])
+        ratios.append(run.mean(terms[0].item()) / run.mean(terms[1].item()))  # a ratio of global-batch means
+    c = sum(ratios) / len(ratios)
     objective.c.fill_(c)
     run.log(dict(event='calibration', c=c, batches=len(ratios)),
             f"SMAE calibration: c = {c:.4g} (pixel / perceptual loss over {len(ratios)} batches)")
@@ -186,11 +188,12 @@ def train(cfg, given, ck, mcfg, critic, run):
                 'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size,
                 'micro batch': loader.micro_batch, 'peak lr': f"{peak_lr:.3g}", 'start step': step})
 
-    # compile the objective (model + loss, + critic for SMAE) and wrap it for DDP; `mae` stays raw for saving
+    # compile the objective (model + loss, + critic for SMAE); `mae` stays raw for saving. No DDP wrapper: every
+    # gradient is a view of one buffer that one all-reduce averages over the ranks after backward, outside the
+    # compiled step, so CUDA graphs stay on under torchrun as in one process (see common.FlatGrads)
     mode = common.compile_mode(cfg, run)
     step_model = torch.compile(objective, mode=mode) if mode else objective
-    if run.ddp:
-        step_model = DDP(step_model, device_ids=[run.local_rank] if run.cuda else None, broadcast_buffers=False)
+    grads = common.FlatGrads(objective, run)  # under torchrun, first rank 0's weights to every rank
     cudagraphs = mode in ('reduce-overhead', 'max-autotune')
     flops = M.flops_per_image(mcfg, cfg.mask) + objective.extra_flops_per_image()
     peak = common.peak_flops(run)
@@ -249,19 +252,18 @@ def train(cfg, given, ck, mcfg, critic, run):
             for micro, (x, _) in enumerate(micro_batches):
                 if cudagraphs:
                     torch.compiler.cudagraph_mark_step_begin()  # a new replay: the last step's outputs are consumed
-                # under DDP, gradients are all-reduced once per optimizer step, on its last micro-batch
-                with step_model.no_sync() if run.ddp and micro < cfg.accum_steps - 1 else contextlib.nullcontext():
-                    with run.autocast:
-                        loss = step_model(x, cfg.mask, noise[loader.rows(micro)])
-                    run.scaler.scale(loss / cfg.accum_steps).backward()
+                with run.autocast:
+                    loss = step_model(x, cfg.mask, noise[loader.rows(micro)])
+                run.scaler.scale(loss / cfg.accum_steps).backward()  # adds into the gradient buffer
                 loss_sum += loss.detach()  # summed on the device: no host sync per step
                 n_losses += 1
+            grads.all_reduce()  # under torchrun: the gradients' mean over the ranks, once per optimizer step
             if cfg.grad_clip > 0:
                 run.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
             run.scaler.step(optimizer)  # a plain optimizer.step() unless fp16
             run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grads.zero()  # not zero_grad(set_to_none=True): the gradients stay views of the buffer
             step += 1
 
             if cfg.bench_steps:

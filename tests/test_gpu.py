@@ -90,9 +90,9 @@ def test_compiled_objective_matches_eager_on_cuda():
     assert torch.allclose(ref, out, rtol=1e-3, atol=1e-4)
 
 
-def test_accumulation_with_the_default_compile_mode_and_fp16_resume_from_bf16(tmp_path):
-    """--accum_steps 2 with the default compile_mode (CUDA graphs would corrupt the accumulated gradients: the rule
-    falls back to the default mode), then resuming that bf16 run in fp16 (a fresh GradScaler, not an empty state)."""
+def test_accumulation_with_cuda_graphs_and_fp16_resume_from_bf16(tmp_path):
+    """--accum_steps 2 with CUDA graphs (each micro-step's backward adds into the gradient buffer, outside the graph
+    pool: common.FlatGrads), then resuming that bf16 run in fp16 (a fresh GradScaler, not an empty state)."""
     out = str(tmp_path / 'acc')
     assert pretrain.main(small(pretrain, DEMO + ['--epochs', '1', '--warmup_epochs', '0', '--accum_steps', '2',
                                                  '--masking', 'block', '--mask', '0.5', '--out_dir', out])) == 0

@@ -1,9 +1,7 @@
-"""pretrain.py: files it writes, learning, config overrides, resume, and torchrun equivalence."""
+"""pretrain.py: files it writes, learning, config overrides and resume (torchrun: tests/test_ddp.py)."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch
 import common
 import model as M
 import pretrain
-from conftest import ROOT, keep_first_checkpoint, script_argv
+from conftest import keep_first_checkpoint, script_argv
 
 
 def records(out, event):
@@ -96,7 +94,7 @@ def test_lr_schedule():
     assert common.get_lr(100, 100, 10, 1.0, min_lr=0.1) == pytest.approx(0.1)
 
 
-# --- resume and torchrun -------------------------------------------------------------------------------
+# --- resume ----------------------------------------------------------------------------------------
 
 def test_resume_continues_the_same_loss_sequence(tiny, tmp_path):
     with keep_first_checkpoint(tmp_path / 'epoch1.pt') as epoch1:
@@ -111,27 +109,6 @@ def test_resume_continues_the_same_loss_sequence(tiny, tmp_path):
     a = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
     b = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)['model']
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-
-
-def final_weights(out):
-    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
-
-
-def test_torchrun_two_ranks_equal_one_process(tiny, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
-           os.path.join(ROOT, 'pretrain.py')] + tiny('--epochs', 1, '--device', 'cpu', out='ddp')
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert pretrain.main(tiny('--epochs', 1, out='single')) == 0
-    assert pretrain.main(tiny('--epochs', 1, '--accum_steps', 2, out='accum')) == 0
-    ddp, single, accum = (final_weights(tmp_path / d) for d in ('ddp', 'single', 'accum'))
-    for k in single:
-        assert torch.allclose(ddp[k], single[k], atol=2e-5), k
-        assert torch.allclose(accum[k], single[k], atol=2e-5), k
-    # only rank 0 wrote: one log with one start record
-    assert len(records(tmp_path / 'ddp', 'start')) == 1
-    assert records(tmp_path / 'ddp', 'start')[0]['world_size'] == 2
 
 
 def test_benchmark_mode_times_the_loop_and_writes_nothing(tiny, tmp_path):

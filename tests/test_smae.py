@@ -107,9 +107,10 @@ def test_terms_equal_right_after_calibration(tmp_path):
     split = data.load_split('demo', 'train')
     loader = data.DeviceLoader(split, batch_size=32, device=torch.device('cpu'), img_size=32)
     pretrain.calibrate(obj, loader, ns, run)
-    # the same first batch and masks as the calibration saw
+    # the same first batch and masks as the calibration saw (drawn for a global batch of --batch_size)
     x = next(loader.epoch(0))[1][0][0]
-    noise = mae.masking_noise(32, 0.75, generator=torch.Generator().manual_seed(data.seed_for(ns.seed, 2)))
+    gen = torch.Generator().manual_seed(data.seed_for(ns.seed, 2, 0))
+    noise = mae.masking_noise(ns.batch_size, 0.75, generator=gen)[loader.rows(0)]
     pixel, percep, _, _ = obj.loss_terms(x, 0.75, noise)
     assert float(obj.c) > 0
     assert torch.allclose(pixel, obj.c * percep, rtol=1e-4)
