@@ -158,8 +158,10 @@ def main(argv=None):
         return 0
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
-    print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, compile "
-          f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
+    shown = {k: common.shown_value(*v) for k, v in common.in_effect(cfg, dev.type == 'cuda').items()}  # (CPU: float32)
+    print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, "
+          + ", ".join(f"{k} {shown.get(k, getattr(cfg, k))}" for k in ('dtype', 'compile', 'compile_mode'))
+          + f", {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rows = [dict(batch=int(b)) for b in cfg.batch_sizes.split(',')]
     report = dict(device=name, torch=torch.__version__, config=vars(cfg), results=rows)  # the rows fill in as figures come
