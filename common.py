@@ -645,9 +645,11 @@ class Progress:
         return self.per * self._weighted_rates / self._weights if self._weights else None
 
     def eta(self):
-        """Seconds until `total`, at the smoothed rate (None before the first update)."""
+        """Seconds until `total` at the smoothed rate, counting down between updates (None before the first one)."""
         rate = self.rate()
-        return None if rate is None else (self.total - self.done) * self.per / rate
+        if rate is None:
+            return None
+        return max(0.0, (self.total - self.done) * self.per / rate - (self.clock() - self._t_last))
 
     def line(self):
         now = self.clock()
