@@ -476,8 +476,8 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
     return net, ck
 
 
-NOT_THE_RUN = ('resume', 'out_dir', 'data_dir', 'download')  # where and how a run starts, not what it computes: a
-                                                             # resume never reports them as changes
+# where and how a run starts, not what it computes: a resume does not report them as changes of the run
+NOT_THE_RUN = ('resume', 'out_dir', 'data_dir', 'download')
 
 
 def check_out_dir(cfg, given, kind, fixed):
@@ -625,10 +625,10 @@ class Progress:
         self._weighted_rates = self._weights = 0.0  # decayed sums of weight x rate and of weight
         self._intervals = 0
 
-    def update(self, done, phase=''):
-        """`done` so far (a host-side number, never a device value), and what the work is doing now ('' = the usual)."""
+    def update(self, done):
+        """`done` so far: a host-side number, never a device value. The starting phase (e.g. 'the first step') ends."""
         now, count = self.clock(), done - self._done_last
-        self.done, self.phase = done, phase
+        self.done, self.phase = done, ''
         if count <= 0:
             return
         dt = max(now - self._t_last, 1e-9)

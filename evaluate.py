@@ -423,8 +423,8 @@ def learning_curves(out_dir):
 def write_learning_curves(out_dir, run):
     """<out_dir>/curves.png from the run's log.jsonl, rendered with Agg and written atomically. A failure to draw is
     one line: a picture is never worth a run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (see learning_curves)
     try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # (imported here: see learning_curves)
         png = io.BytesIO()
         FigureCanvasAgg(learning_curves(out_dir)).print_png(png)
         common.save_atomic(png.getvalue(), os.path.join(out_dir, 'curves.png'))
