@@ -215,9 +215,10 @@ def main(argv=None):
         return 0
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
-    print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, {cfg.dtype}, compile "
-          f"{cfg.compile} ({cfg.compile_mode}), {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure",
-          flush=True)
+    shown = {k: common.shown_value(*v) for k, v in common.in_effect(cfg, dev.type == 'cuda').items()}  # (CPU: float32)
+    print(f"bench: {cfg.model} mask {cfg.mask} on {name}, torch {torch.__version__}, "
+          + ", ".join(f"{k} {shown.get(k, getattr(cfg, k))}" for k in ('dtype', 'compile', 'compile_mode'))
+          + f", {cfg.steps} steps after {cfg.warmup} warm-up, one process per figure", flush=True)
     path, batches, wanted = os.path.join(cfg.out_dir, 'bench.jsonl'), cfg.batch_sizes.split(','), cfg.figures.split(',')
     if 'peer' in wanted and importlib.util.find_spec('transformers') is None:  # optional: not a failure
         print(f"peer skipped: {NO_TRANSFORMERS} (pip install transformers to time its ViTMAE beside ours)", flush=True)

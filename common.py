@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from types import SimpleNamespace
@@ -223,6 +224,14 @@ class Run:
                          else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.dtype == 'float16')
         self.out_dir, self.stop_signal, self._lock_fd, self._old_handlers = cfg.out_dir, 0, None, {}
+        # what the run does differently from its config (on a CPU, a clipped warm-up): {name: (value, why)}
+        self.effective = in_effect(cfg, self.cuda)
+        # progress: every line goes through one lock; a thread prints the innermost active meter's line whenever
+        # Progress.every seconds pass without one (the bottom meter is the run itself)
+        self._print_lock, self._last_line = threading.RLock(), time.monotonic()
+        self._meters, self._beat, self._beat_stop = [Progress(script, None, self)], None, threading.Event()
+        self._tensorboard = None  # the SummaryWriter, made at the first record
+        self._summary_writer = tensorboard_writer() if getattr(cfg, 'tensorboard', False) else None
 
     def __enter__(self):
         if self.ddp:
@@ -237,6 +246,9 @@ class Run:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # pre-emption, a scheduler's warning, Ctrl-C
             with contextlib.suppress(ValueError):  # not the main thread
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        if self.master and self.lock:  # a run that writes (not a benchmark): a line at least every 10 s
+            self._beat = threading.Thread(target=self._heartbeat, name='progress', daemon=True)
+            self._beat.start()
         return self
 
     def _on_signal(self, signum, frame):
@@ -245,6 +257,11 @@ class Run:
         self.stop_signal = signum    # a training loop saves a checkpoint after this step and exits 128 + signum
 
     def __exit__(self, exc_type, exc, tb):
+        if self._beat is not None:
+            self._beat_stop.set()
+            self._beat.join()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         if self._lock_fd is not None:
@@ -269,15 +286,46 @@ class Run:
 
     def print(self, *a):
         if self.master:
-            print(*a, flush=True)
+            with self._print_lock:
+                print(*a, flush=True)
+                self._last_line = time.monotonic()
+
+    def _heartbeat(self):
+        """The progress thread: whenever Progress.every seconds pass without a line, the line of the innermost active
+        meter (a phase's, the training loop's, or the run's own). It reads host-side numbers only: never a device
+        value, which would be a host sync (and could deadlock a CUDA graph replay)."""
+        while True:
+            with self._print_lock:
+                meter = self._meters[-1]
+                wait = meter.every - (time.monotonic() - self._last_line)
+                if wait <= 0:
+                    self.print(meter.line())
+                    wait = meter.every
+            if self._beat_stop.wait(min(max(wait, 0.01), 1.0)):
+                return
+
+    def _push(self, meter):
+        with self._print_lock:
+            self._meters.append(meter)
+
+    def _pop(self, meter):
+        with self._print_lock:
+            if meter in self._meters[1:]:
+                self._meters.remove(meter)
 
     def log(self, record, line=None):
-        """Rank 0: the line (if any) on stdout and the record in <out_dir>/log.jsonl (a benchmark writes no files)."""
+        """Rank 0: the line (if any) on stdout and the record in <out_dir>/log.jsonl (a benchmark writes no files), and
+        with --tensorboard true its numbers as TensorBoard scalars (train/ and val/, see tensorboard_scalars)."""
         if line:
             self.print(line)
         if self.master and self.lock:
             with open(os.path.join(self.out_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
+            if self._summary_writer is not None:
+                if self._tensorboard is None:  # event files in out_dir: `tensorboard --logdir out` shows every run
+                    self._tensorboard = self._summary_writer(self.out_dir, flush_secs=TENSORBOARD_FLUSH_S)
+                for name, value in tensorboard_scalars(record).items():
+                    self._tensorboard.add_scalar(name, value, record.get('step', 0))
 
     def mean(self, value):
         """A float averaged over ranks (a host sync: call it at log points, not every step)."""
@@ -288,14 +336,18 @@ class Run:
         return t.item() / self.world_size
 
     def banner(self, extra):
+        """The start record and its lines: versions and device, the config as in effect (a value that differs from the
+        one asked for is followed by why: `dtype=float32 (bfloat16 on CUDA)`), and the script's `extra` facts."""
         dev = torch.cuda.get_device_name(self.device) if self.cuda else f'cpu ({torch.get_num_threads()} threads)'
         versions = f"torch {torch.__version__}, python {sys.version.split()[0]}"
         ranks = (f" x {self.world_size} ranks over {self.backend}" + (" (more ranks than GPUs: they share them)"
                  if self.cuda and self.backend == 'gloo' else "")) if self.ddp else ""
+        shown = {k: shown_value(*self.effective[k]) if k in self.effective else v for k, v in vars(self.cfg).items()}
         self.log(dict(event='start', script=self.script, config=vars(self.cfg), versions=versions, device=dev,
-                      world_size=self.world_size, backend=self.backend, dtype=self.dtype, **extra),
+                      world_size=self.world_size, backend=self.backend, dtype=self.dtype,
+                      in_effect={k: value for k, (value, _) in self.effective.items()}, **extra),
                  f"{self.script}: {versions}; device {dev}{ranks}; {self.dtype}\nconfig: "
-                 + " ".join(f"{k}={v}" for k, v in vars(self.cfg).items()) + "\n"
+                 + " ".join(f"{k}={v}" for k, v in shown.items()) + "\n"
                  + " | ".join(f"{k} {v}" for k, v in extra.items()))
 
 
@@ -357,6 +409,21 @@ def compile_mode(cfg, run):
         if hasattr(inductor_config.triton, 'cudagraph_or_error'):
             inductor_config.triton.cudagraph_or_error = True
     return cfg.compile_mode
+
+
+def in_effect(cfg, cuda):
+    """{name: (value in effect, why)} for the precision and compile settings that differ from the config's: the CPU
+    runs float32 and eager (compile_mode() keeps the mode asked for on CUDA, CUDA graphs included)."""
+    out = {}
+    if hasattr(cfg, 'dtype') and not cuda and cfg.dtype != 'float32':
+        out['dtype'] = ('float32', f"{cfg.dtype} on CUDA")
+    if getattr(cfg, 'compile', False) and not cuda:
+        out['compile'], out['compile_mode'] = (False, 'eager on the CPU'), (None, f"{cfg.compile_mode} on CUDA")
+    return out
+
+
+def shown_value(value, why):
+    return f"{value} ({why})"
 
 
 # -----------------------------------------------------------------------------
@@ -459,12 +526,12 @@ def cudagraph_proof(run):
 
 
 def save_atomic(obj, path):
-    """torch.save (or text) to a temporary file in the same directory, fsync, then rename: never a half-written
-    file. A full disk is one line that says the previous file is intact."""
+    """torch.save (or text, or bytes) to a temporary file in the same directory, fsync, then rename: never a
+    half-written file. A full disk is one line that says the previous file is intact."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, 'w' if isinstance(obj, str) else 'wb') as f:
-            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+            f.write(obj) if isinstance(obj, (str, bytes)) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -533,6 +600,10 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
     return net, ck
 
 
+# where and how a run starts, not what it computes: a resume does not report them as changes of the run
+NOT_THE_RUN = ('resume', 'out_dir', 'data_dir', 'download')
+
+
 def check_out_dir(cfg, given, kind, fixed):
     """Resume or start fresh, never mixing two runs in one out_dir and never rewriting a finished run. Returns the
     checkpoint to resume from (or None) and the config to run with: on resume, the checkpoint's config with only
@@ -558,7 +629,7 @@ def check_out_dir(cfg, given, kind, fixed):
     if ck.get('epoch', 0) >= merged['epochs'] and 'step' in ck:
         raise UserError(f"{path} is a finished run of {old.get('epochs')} epochs: nothing to resume; to train it "
                         f"further pass --epochs N with N > {ck['epoch']:g}, or choose another --out_dir")
-    changed = {k: (old.get(k), merged[k]) for k in given if old.get(k) != merged[k]}
+    changed = {k: (old.get(k), merged[k]) for k in given if old.get(k) != merged[k] and k not in NOT_THE_RUN}
     if changed and int(os.environ.get('RANK', 0)) == 0:
         print("resume: changed from the checkpoint's config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return ck, SimpleNamespace(**merged)
@@ -616,15 +687,18 @@ def peak_flops(run):
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05):
+def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05, unit='step'):
     """--warmup_epochs in steps. A warm-up as long as the run would never reach the peak lr: given explicitly it is
     refused (by configure); left at the recipe's default (e.g. 20 epochs with --epochs 3) it is clipped to
-    `fraction` of the run, about what the recipes use, with a line that says so."""
+    `fraction` of the run, at least one step and short of the whole run, and the banner's config line shows the
+    warm-up in effect and why (`unit`: what one step is, for probe.py's epochs)."""
     if cfg.warmup_epochs < cfg.epochs or 'warmup_epochs' in given:
         return cfg.warmup_epochs * steps_per_epoch
-    steps = round(fraction * cfg.epochs * steps_per_epoch)
-    run.print(f"warmup: the recipe's {cfg.warmup_epochs} warm-up epochs do not fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}; "
-              f"warming up over the first {steps} steps ({fraction:.0%} of the run) instead")
+    total = cfg.epochs * steps_per_epoch
+    steps = min(max(1, round(fraction * total)), total - 1)  # a one-step run cannot warm up and reach the peak
+    run.effective['warmup_epochs'] = (round(steps / steps_per_epoch, 4), (
+        f"{steps} {unit}{'s' * (steps != 1)}, {steps / total:.0%} of the run: the recipe's {cfg.warmup_epochs} warm-up "
+        f"epochs do not fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}"))
     return steps
 
 
@@ -666,19 +740,119 @@ def bench_result(run, start, cfg, flops, peak, loss, label):
 
 
 class Progress:
-    """A line at most every `every` seconds during a long phase (features, metrics, caching), so none is silent."""
+    """Progress of a long phase: a line at least every `every` seconds, by a timer. While a meter is active (a `with`
+    block, or start() ... stop(); a meter left active ends with its run), the run's progress thread prints the line
+    of the innermost one whenever `every` seconds pass without any line, also in the middle of a long step or batch.
+    The worker calls update(done) with host-side counts only. rate() is an exponential average over the intervals
+    between updates, each weighted by its length (at most `every` seconds, so that one stall, a checkpoint or a busy
+    moment, moves a settled average by less than 2x) and decaying over `horizon` seconds; the first interval
+    (compilation, warm-up) stands in until a second one exists. `per` scales a count into the rate's unit (a step's
+    images)."""
+    every = 9.0     # seconds without a line after which the active meter prints one: at least one line every 10 s
+    horizon = 30.0  # seconds over which the rate is averaged (its exponential decay time)
 
-    def __init__(self, what, total, run=None, every=5.0):
-        self.what, self.total, self.run, self.every = what, total, run, every
-        self.t0 = self.last = time.time()
+    def __init__(self, what, total, run=None, label='', done=0, per=1, unit='img', phase='', clock=time.monotonic):
+        """what: the thing counted ('step', 'image'), of which there are `total`; label: the phase's name, if any."""
+        self.what, self.total, self.run, self.label, self.per, self.unit = what, total, run, label, per, unit
+        self.phase, self.clock = phase, clock
+        self.done = self._done_last = done
+        self.t_start = self._t_last = clock()
+        self._weighted_rates = self._weights = 0.0  # decayed sums of weight x rate and of weight
+        self._intervals = 0
 
     def update(self, done):
-        now = time.time()
-        if self.run is not None and now - self.last >= self.every and 0 < done < self.total:
-            self.last, rate = now, done / (now - self.t0)
-            self.run.print(f"  {self.what}: {done:,}/{self.total:,} ({rate:,.0f}/s, eta {fmt_eta((self.total - done) / rate)})")
+        """`done` so far: a host-side number, never a device value. The starting phase (e.g. 'the first step') ends."""
+        now, count = self.clock(), done - self._done_last
+        self.done, self.phase = done, ''
+        if count <= 0:
+            return
+        dt = max(now - self._t_last, 1e-9)
+        if self._intervals == 1:  # the first interval (compilation, warm-up) only stood in until now
+            self._weighted_rates = self._weights = 0.0
+        weight = min(dt, self.every)
+        decay = math.exp(-weight / self.horizon)
+        self._weighted_rates = self._weighted_rates * decay + weight * count / dt
+        self._weights = self._weights * decay + weight
+        self._t_last, self._done_last, self._intervals = now, done, self._intervals + 1
+
+    def rate(self):
+        """The smoothed rate in `unit` per second (count x per), or None before the first update."""
+        return self.per * self._weighted_rates / self._weights if self._weights else None
+
+    def eta(self):
+        """Seconds until `total` at the smoothed rate, counting down between updates (None before the first one)."""
+        rate = self.rate()
+        if rate is None:
+            return None
+        return max(0.0, (self.total - self.done) * self.per / rate - (self.clock() - self._t_last))
+
+    def line(self):
+        now = self.clock()
+        if self.total is None:  # the run's own meter: nothing to count, only that it is alive
+            return f"  {self.what}: working, {fmt_eta(now - self.t_start)} since the start"
+        parts = [f"{self.label + ': ' if self.label else ''}{self.what} {self.done:,}/{self.total:,}"]
+        parts += [self.phase] * bool(self.phase)
+        if self.rate() is not None:
+            parts += [f"{fmt_rate(self.rate())} {self.unit}/s", f"eta {fmt_eta(self.eta())}"]
+        if not self._intervals:  # the first step or batch, still running
+            parts.append(f"{fmt_eta(now - self._t_last)} so far")
+        elif now - self._t_last >= self.every:  # inside a long step or batch
+            parts.append(f"{fmt_eta(now - self._t_last)} since {self.what} {self.done:,}")
+        return "  " + " | ".join(parts)
+
+    def start(self):
+        if isinstance(self.run, Run):  # (a stand-in for a run, as some tests pass, gets no lines)
+            self.run._push(self)
+        return self
+
+    def stop(self):
+        if isinstance(self.run, Run):
+            self.run._pop(self)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+LOG_EVERY_S = 8             # a training loop (one process) logs a full line when this long passed since its last one
+                            # (just before the progress thread's Progress.every)
+TENSORBOARD_FLUSH_S = 10    # seconds between writes of the TensorBoard event file
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter, or a one-line UserError before anything is written when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: only --tensorboard true needs the package
+    except ImportError:
+        raise UserError("--tensorboard true needs the tensorboard package: pip install tensorboard, or drop "
+                        "--tensorboard") from None
+    return SummaryWriter
+
+
+def tensorboard_scalars(record):
+    """A log record's numbers as TensorBoard scalars, named as the official MAE code does: the train records under
+    train/ (loss, lr, images/s, ...), the evaluations under val/ (fine-tuning's top1/top5/loss, the kNN's knn_top1,
+    pre-training's val loss). Other records (the banner, calibration) have none."""
+    numbers = {k: v for k, v in record.items() if type(v) in (int, float) and k not in ('step', 'epoch')}
+    event = record.get('event')
+    if event == 'train':
+        return {f"train/{k}": v for k, v in numbers.items()}
+    if event == 'eval':
+        return {f"val/{k}": v for k, v in numbers.items()}
+    if event == 'knn':
+        return {f"val/knn_{k}": v for k, v in numbers.items()}
+    if event == 'checkpoint' and 'val_loss' in numbers:
+        return {'val/loss': numbers['val_loss']}
+    return {}
 
 
 def fmt_eta(seconds):
     s = int(max(0, seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fmt_rate(per_second):
+    """Three significant figures below 100 (a CPU's 1.27 img/s), whole numbers above (31,500 img/s)."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"

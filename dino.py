@@ -2,7 +2,9 @@
 DINO pre-training (Caron et al. 2021) of the same ViT encoder, in one process or under torchrun: the baseline of
 the study's Table 1 (DINO pre-train + fine-tune: 41.72% top-1 on TIN, 24.09% on CUB).
 
-    python dino.py --dataset demo --epochs 4 --warmup_epochs 1 --warmup_teacher_temp_epochs 1   # minutes on a CPU
+    python dino.py --dataset demo --epochs 4 --warmup_epochs 1 --warmup_teacher_temp_epochs 1
+                                          # the demo: 48 steps, about 20-30 minutes on 2 CPU cores (an estimate): each
+                                          # step runs student and teacher on two whole 64 px views of 128 images
     python dino.py                                                      # the study's DINO on Tiny ImageNet
     torchrun --nproc_per_node=2 dino.py                                 # the same run on two GPUs
     python finetune.py --ckpt out/dino/ckpt.pt                          # then fine-tune its teacher encoder
@@ -87,6 +89,7 @@ seed = 0                    # seeds the initialisation, the data order and the v
 # output
 out_dir = 'out/dino'        # ckpt.pt, log.jsonl, results.json
 resume = False              # continue the run in out_dir from its ckpt.pt
+tensorboard = False         # also write TensorBoard event files into out_dir (train/ and val/ scalars, as official MAE)
 log_every = 50              # steps between log lines (each a host sync); also steps 1, 2, 4, 8... and every 10 s
 ckpt_every = 10             # epochs between checkpoints and kNN (and always at the end)
 val_images = 1024           # fixed val images: the kNN queries
@@ -435,6 +438,11 @@ def train(cfg, given, ck, mcfg, run):
     if not cfg.bench_steps and step == 0:
         knn_floor = knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
 
+    # progress: the step, a smoothed rate and the ETA, which the run's progress thread prints whenever 10 s pass
+    # without a line (also inside a step: the first one compiles on CUDA); a benchmark prints none
+    meter = common.Progress('step', total_steps, run, done=step, per=cfg.batch_size,
+                            phase='the first step' + (' (torch.compile)' if mode else '')).start()
+
     # the loop
     dino.train()
     t_start = t_log = time.time()
@@ -489,9 +497,10 @@ def train(cfg, given, ck, mcfg, run):
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
+            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             end_of_epoch = step % steps_per_epoch == 0
             log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
-                       or (not run.ddp and time.time() - t_log > 10))  # in one process, a line at least every 10 s
+                       or (not run.ddp and time.time() - t_log > common.LOG_EVERY_S))  # one process: every 8 s
             # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
             stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
@@ -500,14 +509,15 @@ def train(cfg, given, ck, mcfg, run):
                     raise common.NonFiniteLoss.at(loss_now, step, cfg.out_dir,
                                                   "lower --lr, lower --grad_clip, or use --dtype bfloat16")
                 dt, t_log = time.time() - t_log, time.time()
-                ips = (step - step_logged) * cfg.batch_size / dt
-                mfu = ips * flops / (peak * run.world_size) if peak else None
-                eta = (total_steps - step) * dt / (step - step_logged)
+                ips = (step - step_logged) * cfg.batch_size / dt  # this interval's; the line shows the smoothed rate
+                ips_smooth, eta = meter.rate(), meter.eta()
+                mfu = ips_smooth * flops / (peak * run.world_size) if peak else None
                 run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now,
                              teacher_entropy=entropy_now, lr=lr_now, weight_decay=wd_now, teacher_temp=temp_now,
-                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
+                             images_per_s=round(ips_smooth, 1), interval_images_per_s=round(ips, 1), mfu=mfu,
+                             eta_s=round(eta)),
                         f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
-                        f"teacher entropy {entropy_now:.3f} | lr {lr_now:.2e} | {ips:,.0f} img/s"
+                        f"teacher entropy {entropy_now:.3f} | lr {lr_now:.2e} | {common.fmt_rate(ips_smooth)} img/s"
                         + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | eta {common.fmt_eta(eta)}")
                 sums.zero_()
                 n_losses, step_logged = 0, step
@@ -525,6 +535,7 @@ def train(cfg, given, ck, mcfg, run):
                     save(top1)
                     run.log(dict(event='checkpoint', step=step, epoch=done, knn_top1=top1),
                             f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
+                    evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: loss, entropy, lr, kNN and floor
                 if run.ddp and checkpoint:
                     torch.distributed.barrier()
 

@@ -193,7 +193,7 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
     n_workers = cfg.workers or max(1, min(cores, 16) - 1)  # one core left for this process
     pool = (multiprocessing.get_context('spawn').Pool(n_workers, initializer=_pool_worker_init)  # spawn: CUDA-safe
             if n_workers > 1 else None)
-    pending, progress = collections.deque(), common.Progress('reconstruction metrics', n, run)
+    pending, progress = collections.deque(), common.Progress('image', n, run, 'reconstruction metrics').start()
     sums = {kind: dict(psnr=0.0, ssim=0.0, lpips=0.0) for kind in KINDS}
     mse_sum, start = torch.zeros((), device=device, dtype=torch.float64), 0
 
@@ -228,6 +228,7 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
         while pending:
             collect(pending.popleft())
     finally:
+        progress.stop()
         if pool is not None:
             pool.terminate()  # kills the workers now, also when an error or a signal unwinds this
             pool.join()
@@ -335,7 +336,7 @@ def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
             t0 = time.time()
             recipe = dict(PROBE_RECIPE, warmup_epochs=min(PROBE_RECIPE['warmup_epochs'], probe_epochs - 1))
             head = probe.train_linear_head(*feats['train'], *feats['val'], splits['train'].num_classes,
-                                           epochs=probe_epochs, seed=cfg.seed, **recipe)
+                                           epochs=probe_epochs, seed=cfg.seed, progress=run, **recipe)
             out[kind]['probe'] = dict(top1=head['top1'], top5=head['top5'], best_top1=head['best_top1'],
                                       best_epoch=head['best_epoch'], epochs=probe_epochs)
             run.log(dict(event='linear_probe', features=kind, **out[kind]['probe']),
@@ -348,6 +349,87 @@ def load_splits(name, cfg):
     """{'train', 'val'} of a dataset, limited to --subset train and --max_images val images (fixed by the seed)."""
     return {s: data.subset(data.load_split(name, s, cfg.data_dir, download=cfg.download), n, cfg.seed)
             for s, n in (('train', cfg.subset), ('val', cfg.max_images))}
+
+
+# -----------------------------------------------------------------------------
+# learning curves of a training run (pretrain.py, finetune.py and dino.py draw theirs at every checkpoint)
+
+
+def read_log(out_dir):
+    """The records of <out_dir>/log.jsonl in order. A resumed run's records replace those of the steps it repeats
+    (what a stopped run logged after its last checkpoint); a torn last line (a killed run) is skipped."""
+    records = []
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get('event') == 'start' and 'start step' in record:
+                    records = [r for r in records if r.get('step', 0) <= record['start step']]
+                records.append(record)
+    return records
+
+
+def learning_curves(out_dir):
+    """The learning curves of the training run in out_dir, drawn from its log.jsonl against epochs: a matplotlib
+    Figure (no pyplot state) with the train loss beside the val loss, the learning rate, and what the run logs
+    besides: the kNN top-1 with its floor (the initial weights) as a dashed line (pretrain.py, dino.py), the val
+    top-1 and top-5 (finetune.py), the teacher's entropy beside log K, that of a uniform output (dino.py)."""
+    from matplotlib.figure import Figure  # imported where it draws, so that --help and one-line errors stay fast
+    records = read_log(out_dir)
+    start = next((r for r in records if r.get('event') == 'start'), {})
+    train, evals, checkpoints, knns = ([r for r in records if r.get('event') == event]
+                                       for event in ('train', 'eval', 'checkpoint', 'knn'))
+
+    def series(rs, key, label):
+        rs = [r for r in rs if isinstance(r.get(key), (int, float)) and 'epoch' in r]
+        return [r['epoch'] for r in rs], [r[key] for r in rs], label
+
+    floor = [r['top1'] for r in knns if str(r.get('what', '')).startswith('floor')]
+    log_k = [float(start['log K'])] if 'log K' in start else []
+    panels = [  # (title, y label, [(epochs, values, label)], [(level, label)] drawn as dashed lines)
+        ('loss', 'loss', [series(train, 'loss', 'train'), series(evals, 'loss', 'val'),
+                          series(checkpoints, 'val_loss', 'val (masked patches, fixed masks)')], []),
+        ('learning rate', 'lr', [series(train, 'lr', 'lr')], []),
+        ('teacher entropy', 'entropy (nats)', [series(train, 'teacher_entropy', "teacher's output")],
+         [(k, f"log K = {k:.2f} (a uniform output)") for k in log_k]),
+        ('kNN top-1 on the val images', 'top-1 (%)', [series(checkpoints, 'knn_top1', 'kNN top-1')],
+         [(floor[-1], f"floor: the initial weights ({floor[-1]:.1f}%)")] if floor else []),
+        ('val accuracy', 'accuracy (%)', [series(evals, 'top1', 'top-1'), series(evals, 'top5', 'top-5')], []),
+    ]
+    panels = [(title, ylabel, [s for s in lines if s[0]], levels) for title, ylabel, lines, levels in panels
+              if any(s[0] for s in lines)]
+    if not panels:
+        raise ValueError(f"{out_dir}/log.jsonl holds no train or eval record yet")
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(6.4 * cols, 4.0 * rows), dpi=100, layout='constrained')
+    last = max(r['epoch'] for r in train + evals if 'epoch' in r) if train or evals else 0
+    fig.suptitle(f"{start.get('script', 'training')}: {out_dir}, epoch {last:g}", fontsize=13)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax, (title, ylabel, lines, levels) in zip(axes, panels):
+        for epochs, values, label in lines:
+            ax.plot(epochs, values, label=label, marker='o' if len(epochs) <= 50 else None, markersize=3)
+        for level, label in levels:
+            ax.axhline(level, linestyle='--', color='grey', label=label)
+        ax.set(title=title, xlabel='epoch', ylabel=ylabel)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    for ax in axes[len(panels):]:  # the empty cell of an odd number of panels
+        ax.set_visible(False)
+    return fig
+
+
+def write_learning_curves(out_dir, run):
+    """<out_dir>/curves.png from the run's log.jsonl, rendered with Agg and written atomically. A failure to draw is
+    one line: a picture is never worth a run."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # (imported here: see learning_curves)
+        png = io.BytesIO()
+        FigureCanvasAgg(learning_curves(out_dir)).print_png(png)
+        common.save_atomic(png.getvalue(), os.path.join(out_dir, 'curves.png'))
+    except Exception as e:
+        run.print(f"curves.png not written ({type(e).__name__}: {str(e)[:200]})")
 
 
 # -----------------------------------------------------------------------------

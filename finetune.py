@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import evaluate
 import model as M
 
 # -----------------------------------------------------------------------------
@@ -67,6 +68,7 @@ seed = 0                    # seeds the head / model initialisation, the data or
 # output
 out_dir = 'out/finetune'    # ckpt.pt, log.jsonl, results.json
 resume = False              # continue the run in out_dir from its ckpt.pt
+tensorboard = False         # also write TensorBoard event files into out_dir (train/ and val/ scalars, as official MAE)
 log_every = 50              # steps between log lines (each a host sync); also steps 1, 2, 4, 8... and every 10 s
 ckpt_every = 10             # epochs between checkpoints (and always at the end)
 eval_every = 1              # epochs between top-1/top-5 evaluations on the val split (and always at the end)
@@ -138,20 +140,23 @@ def optimizer_groups(net, cfg):
 
 
 @torch.no_grad()
-def evaluate(net, split, img_size, run):
+def val_metrics(net, split, img_size, run):
     """top-1 / top-5 (%) and mean cross-entropy over the whole val split, in eval() mode. Under DDP each rank takes
     every world_size-th image and the counts are summed over ranks, so every rank gets the same numbers."""
     was_training = net.training
     net.eval()
     idx = torch.arange(run.rank, len(split.labels), run.world_size)
     stats = torch.zeros(4, dtype=torch.float64, device=run.device)  # correct@1, correct@5, loss sum, images
-    for x, y in data.iterate_batches(split.images[idx], split.labels[idx], EVAL_BATCH, run.device, img_size=img_size):
-        with run.autocast:
-            logits = net(x)
-        logits = logits.float()
-        c1, c5 = common.topk_correct(logits, y)
-        stats += torch.stack([c1.double(), c5.double(), F.cross_entropy(logits, y, reduction='sum').double(),
-                              torch.tensor(float(len(y)), dtype=torch.float64, device=run.device)])
+    with common.Progress('image', len(idx), run, 'val evaluation') as meter:
+        batches = data.iterate_batches(split.images[idx], split.labels[idx], EVAL_BATCH, run.device, img_size=img_size)
+        for i, (x, y) in enumerate(batches):
+            with run.autocast:
+                logits = net(x)
+            logits = logits.float()
+            c1, c5 = common.topk_correct(logits, y)
+            stats += torch.stack([c1.double(), c5.double(), F.cross_entropy(logits, y, reduction='sum').double(),
+                                  torch.tensor(float(len(y)), dtype=torch.float64, device=run.device)])
+            meter.update(min((i + 1) * EVAL_BATCH, len(idx)))  # host-side count (no sync)
     net.train(was_training)
     c1, c5, loss_sum, n = (run.mean(v) * run.world_size for v in stats.tolist())
     return dict(top1=100 * c1 / max(n, 1), top5=100 * c5 / max(n, 1), loss=loss_sum / max(n, 1), images=int(n))
@@ -240,12 +245,17 @@ def train(cfg, given, ck, pre, run):
                            os.path.join(cfg.out_dir, 'ckpt.pt'))
 
     def run_eval():
-        ev = evaluate(net, val_split, img_size, run)
+        ev = val_metrics(net, val_split, img_size, run)
         rec = dict(epoch=round(step / steps_per_epoch, 4), step=step, top1=ev['top1'], top5=ev['top5'], loss=ev['loss'])
         history.append(rec)
         run.log(dict(event='eval', **rec), f"epoch {rec['epoch']:g}: val top-1 {ev['top1']:.2f}% | top-5 "
                 f"{ev['top5']:.2f}% | loss {ev['loss']:.4f} ({ev['images']} images)")
         return rec
+
+    # progress: the step, a smoothed rate and the ETA, which the run's progress thread prints whenever 10 s pass
+    # without a line (also inside a step: the first one compiles on CUDA); a benchmark prints none
+    meter = common.Progress('step', total_steps, run, done=step, per=cfg.batch_size,
+                            phase='the first step' + (' (torch.compile)' if mode else '')).start()
 
     # the loop
     net.train()
@@ -290,9 +300,10 @@ def train(cfg, given, ck, pre, run):
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
+            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             end_of_epoch = step % steps_per_epoch == 0
             log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
-                       or (not run.ddp and time.time() - t_log > 10))  # in one process, a line at least every 10 s
+                       or (not run.ddp and time.time() - t_log > common.LOG_EVERY_S))  # one process: every 8 s
             # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
             stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
@@ -301,13 +312,15 @@ def train(cfg, given, ck, pre, run):
                     raise common.NonFiniteLoss.at(loss_now, step, cfg.out_dir)
                 lr_head = max(g['lr'] for g in optimizer.param_groups)  # the head's (layer decay scales the others down)
                 dt, t_log = time.time() - t_log, time.time()
-                ips = (step - step_logged) * cfg.batch_size / dt
-                mfu = ips * flops / (peak * run.world_size) if peak else None
-                eta = (total_steps - step) * dt / (step - step_logged)
+                ips = (step - step_logged) * cfg.batch_size / dt  # this interval's; the line shows the smoothed rate
+                ips_smooth, eta = meter.rate(), meter.eta()
+                mfu = ips_smooth * flops / (peak * run.world_size) if peak else None
                 run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now, lr=lr_head,
-                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
+                             images_per_s=round(ips_smooth, 1), interval_images_per_s=round(ips, 1), mfu=mfu,
+                             eta_s=round(eta)),
                         f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
-                        f"lr {lr_head:.2e} | {ips:,.0f} img/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+                        f"lr {lr_head:.2e} | {common.fmt_rate(ips_smooth)} img/s"
+                        + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
                         + f" | eta {common.fmt_eta(eta)}")
                 loss_sum.zero_()
                 n_losses, step_logged = 0, step
@@ -325,6 +338,7 @@ def train(cfg, given, ck, pre, run):
                     if run.master:
                         save()
                         run.log(dict(event='checkpoint', step=step, epoch=done), f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
+                        evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: losses, lr, top-1/top-5
                     if run.ddp:
                         torch.distributed.barrier()
 

@@ -66,6 +66,7 @@ seed = 0                    # seeds the initialisation, the data order and the m
 # output
 out_dir = 'out/pretrain'    # ckpt.pt, log.jsonl, results.json, recon_*.png
 resume = False              # continue the run in out_dir from its ckpt.pt
+tensorboard = False         # also write TensorBoard event files into out_dir (train/ and val/ scalars, as official MAE)
 log_every = 50              # steps between log lines (each a host sync); also steps 1, 2, 4, 8... and every 10 s
 ckpt_every = 20             # epochs between checkpoints, val loss and kNN (and always at the end)
 picture_every = 20          # epochs between reconstruction grids (and always at the end)
@@ -234,6 +235,11 @@ def train(cfg, given, ck, mcfg, critic, run):
     if not cfg.bench_steps and step == 0:
         knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
 
+    # progress: the step, a smoothed rate and the ETA, which the run's progress thread prints whenever 10 s pass
+    # without a line (also inside a step: the first one compiles on CUDA); a benchmark prints none
+    meter = common.Progress('step', total_steps, run, done=step, per=cfg.batch_size,
+                            phase='the first step' + (' (torch.compile)' if mode else '')).start()
+
     # the loop
     mae.train()
     t_start = t_log = time.time()
@@ -275,9 +281,10 @@ def train(cfg, given, ck, mcfg, critic, run):
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
+            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             end_of_epoch = step % steps_per_epoch == 0
             log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
-                       or (not run.ddp and time.time() - t_log > 10))  # in one process, a line at least every 10 s
+                       or (not run.ddp and time.time() - t_log > common.LOG_EVERY_S))  # one process: every 8 s
             # a stop signal: one process stops now; under DDP the ranks agree at log points (one all-reduce)
             stopping = run.mean(run.stop_signal) > 0 if run.ddp and log_now else not run.ddp and run.stop_signal > 0
             if log_now or stopping:
@@ -285,13 +292,15 @@ def train(cfg, given, ck, mcfg, critic, run):
                 if not math.isfinite(loss_now):
                     raise common.NonFiniteLoss.at(loss_now, step, cfg.out_dir)
                 dt, t_log = time.time() - t_log, time.time()
-                ips = (step - step_logged) * cfg.batch_size / dt
-                mfu = ips * flops / (peak * run.world_size) if peak else None
-                eta = (total_steps - step) * dt / (step - step_logged)
+                ips = (step - step_logged) * cfg.batch_size / dt  # this interval's; the line shows the smoothed rate
+                ips_smooth, eta = meter.rate(), meter.eta()
+                mfu = ips_smooth * flops / (peak * run.world_size) if peak else None
                 run.log(dict(event='train', step=step, epoch=round(step / steps_per_epoch, 4), loss=loss_now, lr=lr_now,
-                             images_per_s=round(ips, 1), mfu=mfu, eta_s=round(eta)),
+                             images_per_s=round(ips_smooth, 1), interval_images_per_s=round(ips, 1), mfu=mfu,
+                             eta_s=round(eta)),
                         f"epoch {step / steps_per_epoch:7.2f} | step {step}/{total_steps} | loss {loss_now:.4f} | "
-                        f"lr {lr_now:.2e} | {ips:,.0f} img/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
+                        f"lr {lr_now:.2e} | {common.fmt_rate(ips_smooth)} img/s"
+                        + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
                         + f" | eta {common.fmt_eta(eta)}")
                 loss_sum.zero_()
                 n_losses, step_logged = 0, step
@@ -309,6 +318,7 @@ def train(cfg, given, ck, mcfg, critic, run):
                     save(vl)
                     run.log(dict(event='checkpoint', step=step, epoch=done, val_loss=vl, knn_top1=top1),
                             f"epoch {done}: val masked-patch loss {vl:.4f}; saved {cfg.out_dir}/ckpt.pt")
+                    evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: losses, lr, kNN beside its floor
                 if run.master and (done % cfg.picture_every == 0 or step == total_steps):
                     evaluate.reconstruction_grid(mae, val_x[::max(1, len(val_x) // 8)][:8], cfg.mask, cfg.masking,
                                                  cfg.seed, os.path.join(cfg.out_dir, f"recon_ep{done:04d}.png"),

@@ -69,12 +69,14 @@ def extract_features(encoder, images_uint8, labels, device, batch_size=512, img_
     """Frozen features (eval() mode) of uint8 images (N, 3, 64, 64) -> (float32 (N, D), int64 labels or None), on
     device; img_size None = encoder.cfg.img_size; progress: a common.Run to print progress on in long extractions."""
     encoder.eval()
-    feats, ys, meter = [], [], common.Progress('features', len(images_uint8), progress)
-    for x, y in data.iterate_batches(images_uint8, labels, batch_size, device, img_size=img_size or encoder.cfg.img_size):
-        with autocast:
-            feats.append(encoder.forward_features(x, pool=pool).float())
-        ys.append(y)
-        meter.update(sum(len(f) for f in feats))
+    feats, ys = [], []
+    with common.Progress('image', len(images_uint8), progress, 'features') as meter:
+        size = img_size or encoder.cfg.img_size
+        for x, y in data.iterate_batches(images_uint8, labels, batch_size, device, img_size=size):
+            with autocast:
+                feats.append(encoder.forward_features(x, pool=pool).float())
+            ys.append(y)
+            meter.update(sum(len(f) for f in feats))
     if not feats:
         raise ValueError("extract_features got no images")
     return torch.cat(feats), (None if labels is None else torch.cat(ys))
@@ -103,19 +105,21 @@ def _eval_head(head, feats, labels, chunk=8192, **record):
 
 
 def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_classes, *, epochs=50, warmup_epochs=2,
-                      batch_size=128, lr=1e-3, betas=(0.9, 0.95), seed=0, log=None):
+                      batch_size=128, lr=1e-3, betas=(0.9, 0.95), seed=0, log=None, progress=None):
     """Train BatchNorm + Linear on fixed features with Adam (no weight decay), per-step warmup + cosine, in float32 on
     the features' device. lr is the peak learning rate as given (callers apply the batch scaling rule). Batches are
     drawn without replacement from a permutation seeded by (seed, epoch); the last partial batch is dropped (as in
     training), unless the features are fewer than one batch. Evaluates on the val features after every epoch.
-    log: optional callable(record, line) called once per epoch. -> dict(top1, top5 (% after the last epoch), best_top1,
-    best_epoch, history=[dict(epoch, loss, lr, top1, top5, val_loss)], head=the trained head in eval mode)."""
+    log: optional callable(record, line) called once per epoch; progress: a common.Run to print progress on (a line
+    at least every 10 s). -> dict(top1, top5 (% after the last epoch), best_top1, best_epoch, history=[dict(epoch, loss,
+    lr, top1, top5, val_loss)], head=the trained head in eval mode)."""
     (n, dim), device = train_feats.shape, train_feats.device
     head = make_head(dim, num_classes, seed).to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, betas=betas)
     steps_per_epoch = max(1, n // batch_size)
     total_steps, warmup_steps = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     gen, history, step = torch.Generator(device=device), [], 0
+    meter = common.Progress('step', total_steps, progress, 'linear probe', per=batch_size).start()
     for epoch in range(epochs):
         head.train()
         perm = torch.randperm(n, generator=gen.manual_seed(data.seed_for(seed, epoch)), device=device)
@@ -129,11 +133,13 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
             optimizer.step()
             loss_sum += loss.detach()
             step += 1
+            meter.update(step)
         rec = _eval_head(head, val_feats, val_labels, epoch=epoch + 1, loss=loss_sum.item() / steps_per_epoch, lr=lr_now)
         history.append(rec)
         if log is not None:
             log(dict(event='probe', **rec), f"epoch {epoch + 1:4d}/{epochs} | loss {rec['loss']:.4f} | lr {lr_now:.2e} | "
                 f"val top-1 {rec['top1']:.2f}% | top-5 {rec['top5']:.2f}% | val loss {rec['val_loss']:.4f}")
+    meter.stop()
     history = history or [_eval_head(head, val_feats, val_labels, epoch=0, loss=None, lr=0.0)]  # epochs 0: untrained
     last, best = history[-1], max(history, key=lambda r: r['top1'])
     return dict(top1=last['top1'], top5=last['top5'], best_top1=best['top1'], best_epoch=best['epoch'], history=history,
@@ -158,6 +164,7 @@ def probe(cfg, given, pre, run):
     train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
     val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
     num_classes, peak_lr = train_split.num_classes, cfg.lr * cfg.batch_size / 128
+    warmup_epochs = common.warmup_steps(cfg, given, 1, run, unit='epoch')  # (in epochs: one 'step' per epoch)
     run.banner({'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)",
                 'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)", 'classes': num_classes,
                 'train images': len(train_split.labels), 'val images': len(val_split.labels), 'peak lr': f"{peak_lr:.3g}"})
@@ -173,8 +180,8 @@ def probe(cfg, given, pre, run):
         run.log(record, line if record['epoch'] % cfg.log_every == 0 or record['epoch'] == cfg.epochs else None)
     t0 = time.time()
     out = train_linear_head(train_f, train_y, val_f, val_y, num_classes, epochs=cfg.epochs,
-                            warmup_epochs=common.warmup_steps(cfg, given, 1, run),  # (in epochs: one 'step' per epoch)
-                            batch_size=cfg.batch_size, lr=peak_lr, betas=(cfg.beta1, cfg.beta2), seed=cfg.seed, log=log)
+                            warmup_epochs=warmup_epochs, batch_size=cfg.batch_size, lr=peak_lr,
+                            betas=(cfg.beta1, cfg.beta2), seed=cfg.seed, log=log, progress=run)
     head_s, wall_s = time.time() - t0, time.time() - t_start
     common.save_atomic({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': asdict(encoder.cfg),
                         'config': vars(cfg), 'encoder_ckpt': cfg.ckpt, 'pool': cfg.pool, 'num_classes': num_classes,

@@ -73,6 +73,21 @@ def test_loss_falls_knn_beside_its_floor_and_no_collapse(straight):
     assert [r['teacher_temp'] for r in train] == [dino.teacher_temp_at((r['step'] - 1) // 2, cfg) for r in train]
 
 
+def test_curves_show_the_entropy_beside_log_k_and_the_knn_beside_its_floor(straight):
+    """curves.png, redrawn at each checkpoint, draws what the log holds: the teacher's entropy with log K (a uniform
+    output) as a line, the kNN top-1 with its floor as a line."""
+    assert (straight / 'curves.png').stat().st_size > 10_000
+    panels = {ax.get_title(): ax for ax in evaluate.learning_curves(str(straight)).axes if ax.get_visible()}
+    assert set(panels) == {'loss', 'learning rate', 'teacher entropy', 'kNN top-1 on the val images'}
+    entropy = {l.get_label(): list(l.get_ydata()) for l in panels['teacher entropy'].get_lines()}
+    assert entropy["teacher's output"] == [r['teacher_entropy'] for r in records(straight, 'train')]
+    assert entropy[f"log K = {np.log(1024):.2f} (a uniform output)"] == pytest.approx([np.log(1024)] * 2, abs=1e-3)
+    knn = {l.get_label(): list(l.get_ydata()) for l in panels['kNN top-1 on the val images'].get_lines()}
+    floor = records(straight, 'knn')[0]['top1']
+    assert knn['kNN top-1'] == [r['knn_top1'] for r in records(straight, 'checkpoint')]
+    assert knn[f"floor: the initial weights ({floor:.1f}%)"] == [floor, floor]
+
+
 def test_first_step_teacher_is_ema_centre_and_loss_are_the_formulas(tiny, tmp_path):
     """One step from the initial weights, recomputed here: the views of (seed, step 0), the loss DINO's on them, the
     centre the EMA of the teacher's outputs, the teacher the EMA of the student; the last layer stays frozen."""

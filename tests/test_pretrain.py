@@ -124,7 +124,7 @@ def test_a_default_warmup_longer_than_the_run_is_clipped_with_a_line(tmp_path, c
             '--epochs', '2', '--val_images', '32', '--out_dir', str(tmp_path / 'run')]  # warmup_epochs: the recipe's 20
     assert pretrain.main(argv) == 0
     out = capsys.readouterr().out
-    assert "warmup: the recipe's 20 warm-up epochs do not fit in 2 epochs; warming up over the first" in out
+    assert " warmup_epochs=0.5 (1 step, 25% of the run: the recipe's 20 warm-up epochs do not fit in 2 epochs) " in out
     lrs = [r['lr'] for r in records(tmp_path / 'run', 'train')]
     assert max(lrs) > 0.9 * 5e-4 * 32 / 128, "the lr never reached its peak"
 

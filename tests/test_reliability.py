@@ -241,7 +241,7 @@ def test_two_runs_in_one_out_dir_are_refused(tiny, tmp_path, capsys, monkeypatch
     (tmp_path / 'run' / '.lock').write_text("pretrain (pid 999999999)")
     (tmp_path / 'run' / 'ckpt.pt.tmp.999999999').write_bytes(b'PK partial')
     assert pretrain.main(tiny('--epochs', 1)) == 0
-    assert sorted(os.listdir(tmp_path / 'run')) == ['ckpt.pt', 'log.jsonl', 'recon_ep0001.png', 'results.json']
+    assert sorted(os.listdir(tmp_path / 'run')) == ['ckpt.pt', 'curves.png', 'log.jsonl', 'recon_ep0001.png', 'results.json']
 
 
 def _race_for_the_lock(out, barrier, results):
