@@ -138,8 +138,8 @@ def test_the_config_line_shows_the_precision_and_compile_in_effect(tiny, capsys)
 
 
 def test_bench_header_shows_the_precision_and_compile_in_effect(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, 'measure', lambda *a: None)  # the header only: no figure is measured here
-    assert bench.main(['--device', 'cpu', '--peer', 'false', '--out_dir', str(tmp_path)]) == 0
+    monkeypatch.setattr(bench, 'measure', lambda *a: dict(error='not measured here'))  # the header only
+    assert bench.main(['--device', 'cpu', '--figures', 'mae', '--out_dir', str(tmp_path)]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert 'dtype float32 (bfloat16 on CUDA), compile False (eager on the CPU), compile_mode None' in header, header
 
