@@ -389,7 +389,7 @@ def lock_out_dir(out_dir, script):
         try:
             fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _lock_holder(lock.fd)
+            holder = lock_holder(out_dir)
             os.close(lock.fd)
             raise UserError(f"out_dir {out_dir} is in use by {holder}: wait for it or choose another --out_dir") \
                 from None
@@ -440,12 +440,12 @@ def out_dir_locked(out_dir, script, take=True):
             unlock_out_dir(lock, out_dir)
 
 
-def _lock_holder(fd):
-    """'pretrain.py (pid N)': the process holding the flock on the folder open as fd, read from /proc/locks and
-    /proc/N/cmdline (Linux); 'another run' where those are not to be had."""
-    st = os.fstat(fd)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+def lock_holder(out_dir):
+    """'pretrain.py (pid N)': the process holding the flock on the folder, read from /proc/locks and
+    /proc/N/cmdline (Linux; no file in the folder names it); 'another run' where those are not to be had."""
     with contextlib.suppress(OSError, ValueError, IndexError):
+        st = os.stat(out_dir)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         for line in open('/proc/locks'):
             fields = line.split()  # '1: FLOCK  ADVISORY  WRITE 7761 fe:00:2236497 0 EOF' ('->' marks a waiter)
             if fields[1] == 'FLOCK' and fields[5] == inode:
