@@ -357,9 +357,9 @@ class Run:
 
 # What each script writes into its out_dir (log.jsonl is appended, never renamed into place): the only names whose
 # temporary files (the name + '.tmp.' + the writing process's id, see save_atomic) a later run of it cleans up.
-OUTPUTS = {'pretrain': r'ckpt\.pt|results\.json|recon_ep\d{4}\.png', 'dino': r'ckpt\.pt|results\.json',
-           'finetune': r'ckpt\.pt|results\.json', 'probe': r'ckpt\.pt|results\.json',
-           'evaluate': r'eval\.json|eval\.md|recon\.png'}
+OUTPUTS = {'pretrain': r'ckpt\.pt|results\.json|curves\.png|recon_ep\d{4}\.png',
+           'dino': r'ckpt\.pt|results\.json|curves\.png', 'finetune': r'ckpt\.pt|results\.json|curves\.png',
+           'probe': r'ckpt\.pt|results\.json', 'evaluate': r'eval\.json|eval\.md|recon\.png'}
 _held = {}  # real path of an out_dir -> [its lock, how many holders in this process]
 
 
