@@ -5,6 +5,7 @@ formulas (lr schedule, parameter groups, peak FLOPs). The training loops themsel
 """
 import contextlib
 import ctypes
+import dataclasses
 import difflib
 import fcntl
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import sys
 import threading
 import time
@@ -45,8 +47,10 @@ class NonFiniteLoss(Exception):
 
 
 def cli(main):
-    """Run a script's main(argv), turning expected failures into one line on stderr and a non-zero exit."""
+    """Run a script's main(argv), turning expected failures into one line on stderr and a non-zero exit. Its stdout
+    may go away (`| head`, a full device): the printing stops, the run does not (see LosableStdout)."""
     script = os.path.basename(sys.argv[0])
+    stdout, sys.stdout = sys.stdout, LosableStdout(sys.stdout, script)
     try:
         code = main(sys.argv[1:])
     except (UserError, data.DataError, NonFiniteLoss, PeerLost) as e:
@@ -55,13 +59,66 @@ def cli(main):
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in str(e):
             raise  # a bug: the traceback is what a bug report needs
-        print(f"{script}: error: out of memory ({' '.join(str(e).split())[:160]}): use a smaller --batch_size, or "
-              f"more --accum_steps for the same batch in smaller pieces", file=sys.stderr)
+        print(f"{script}: error: out of memory ({' '.join(str(e).split())[:160]}): {_memory_advice(_last_config)}",
+              file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print(f"{script}: interrupted", file=sys.stderr)
         code = 130
+    finally:
+        sys.stdout.flush()  # what is still buffered goes out through the guard, not in Python's flush at exit
+        sys.stdout = stdout
     sys.exit(code if isinstance(code, int) else 0)  # benchmark modes return their figures
+
+
+def _memory_advice(cfg):
+    """What to lower when memory runs out: the batch, and first the image size when it is above the preset's (the
+    tokens grow with its square, attention with its fourth power)."""
+    usual = "a smaller --batch_size, or more --accum_steps for the same batch in smaller pieces"
+    img_size = getattr(cfg, 'img_size', 0)
+    preset = 64 if getattr(cfg, 'arch', 'vit') == 'squeezenet' else \
+        M.PRESETS.get(getattr(cfg, 'model', ''), {}).get('img_size', M.ViTConfig.img_size)
+    if img_size > preset:
+        return (f"--img_size {img_size} is above the preset's {preset}, and memory grows with its square (attention "
+                f"with its fourth power): use a smaller --img_size, or {usual}")
+    return f"use {usual}"
+
+
+class LosableStdout:
+    """sys.stdout for a run whose reader may leave (`| head`: EPIPE) or whose device may fill up (ENOSPC): the first
+    failed write says so in one line on stderr and every later print is dropped, while the run goes on (its
+    log.jsonl has every record). Pointing the file descriptor at /dev/null also keeps Python's flush at exit from
+    printing 'Exception ignored ... BrokenPipeError'."""
+
+    def __init__(self, stream, script):
+        self.stream, self.script, self.lost = stream, script, False
+
+    def write(self, text):
+        if not self.lost:
+            try:
+                return self.stream.write(text)
+            except OSError as e:
+                self._lose(e)
+        return len(text)
+
+    def flush(self):
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self._lose(e)
+
+    def _lose(self, e):
+        self.lost = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        with contextlib.suppress(OSError):
+            why = 'closed by its reader' if isinstance(e, BrokenPipeError) else f"unwritable ({e.strerror or e})"
+            print(f"{self.script}: stdout is {why}: printing stops here; the run goes on and logs to its "
+                  f"out_dir's log.jsonl", file=sys.stderr, flush=True)
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self.stream, name)
 
 
 # -----------------------------------------------------------------------------
@@ -118,6 +175,7 @@ RULES = {
                 'names from mae, smae, finetune, dino, loader, peer, comma-separated'),
     'compile_mode': _choice('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'),
 }  # img_size with patch_size, and the mask ratio on the grid: checked by model.ViTConfig when the script builds its model
+_last_config = None  # the config of this process's script (configure sets it): cli's out-of-memory advice reads it
 FREE_TEXT = ('ckpt', 'critic')  # checkpoint paths (or 'alexnet'), checked when loaded, before any data
 
 
@@ -132,6 +190,22 @@ def _convert(name, text, default):
     except ValueError:
         raise UserError(f"--{name} expects {'an integer' if kind is int else 'a number'} (default {default}), "
                         f"got {text!r}") from None
+
+
+TYPE_WORDS = {bool: 'true or false', int: 'an integer', float: 'a finite number', str: 'text'}
+
+
+def _value_problem(name, value, default):
+    """What is wrong with `value` for --name, or None: it must have the type of the script's default (an integer
+    is a number too) and pass its rule in RULES. A default of '' or 0 means "from the checkpoint, the preset or the
+    recipe" and is always accepted."""
+    if not (type(value) is type(default) or (type(default) is float and type(value) is int)):
+        return f"--{name} must be {TYPE_WORDS[type(default)]}, got {value!r}"
+    if value == default and default in ('', 0):
+        return None
+    if name in RULES and not RULES[name][0](value):
+        return f"--{name} must be {RULES[name][1]}, got {value!r}"
+    return None
 
 
 def help_text(namespace):
@@ -153,7 +227,8 @@ def defaults(namespace):
 
 def configure(namespace, argv, checks=()):
     """The script's constants with `--name value` / `--name=value` overrides applied and every value checked
-    (RULES, then the script's own `checks` between values: (test(cfg), message with {name} fields)).
+    (RULES, then the script's own `checks` between values: (test(cfg), message with {name} fields); with --resume
+    true, check_out_dir checks those on the checkpoint's config merged with the given names).
     Returns (config namespace, set of the names given). --help / -h prints the constants and exits 0."""
     known, given = defaults(namespace), set()
     config, argv = dict(known), list(argv or [])
@@ -180,14 +255,23 @@ def configure(namespace, argv, checks=()):
         config[name] = _convert(name, text, known[name])
         given.add(name)
     for name, value in config.items():
-        sentinel = value == known[name] and known[name] in ('', 0)  # always accepted (see RULES)
-        if name in RULES and not sentinel and not RULES[name][0](value):
-            raise UserError(f"--{name} must be {RULES[name][1]}, got {value!r}")
+        problem = _value_problem(name, value, known[name])
+        if problem:
+            raise UserError(problem)
     if 'warmup_epochs' in given and 'epochs' in config and config['warmup_epochs'] >= config['epochs']:
         raise UserError(f"--warmup_epochs {config['warmup_epochs']} is not shorter than --epochs {config['epochs']}: the lr "
                         f"would never reach its peak; choose fewer warm-up epochs")
-    cfg = SimpleNamespace(**config)
-    for test, message in checks:
+    # the rules between values below: on resume, check_out_dir applies them to the checkpoint's config merged with
+    # the given names instead (here, a name not given holds the script's default, not the run's value)
+    resume, world, accum = config.get('resume', False), int(os.environ.get('WORLD_SIZE', 1)), config.get('accum_steps')
+    if not resume and accum and config['batch_size'] % (world * accum):
+        step, batch = world * accum, config['batch_size']
+        raise UserError(f"--batch_size {batch} does not split into {world} process{'es' * (world > 1)} x --accum_steps "
+                        f"{accum} equal micro-batches: choose a multiple of {step} (e.g. "
+                        f"{max(step, batch // step * step)}) or other --accum_steps")
+    global _last_config
+    cfg = _last_config = SimpleNamespace(**config)
+    for test, message in checks if not resume else ():
         if not test(cfg):
             raise UserError(message.format(**config))
     return cfg, given
@@ -319,8 +403,7 @@ class Run:
         if line:
             self.print(line)
         if self.master and self.lock:
-            with open(os.path.join(self.out_dir, 'log.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+            append_line(os.path.join(self.out_dir, 'log.jsonl'), json.dumps(record))
             if self._summary_writer is not None:
                 if self._tensorboard is None:  # event files in out_dir: `tensorboard --logdir out` shows every run
                     self._tensorboard = self._summary_writer(self.out_dir, flush_secs=TENSORBOARD_FLUSH_S)
@@ -351,40 +434,131 @@ class Run:
                  + " | ".join(f"{k} {v}" for k, v in extra.items()))
 
 
+# What each script writes into its out_dir (log.jsonl is appended, never renamed into place): the only names whose
+# temporary files (the name + '.tmp.' + the writing process's id, see save_atomic) a later run of it cleans up.
+OUTPUTS = {'pretrain': r'ckpt\.pt|results\.json|curves\.png|recon_ep\d{4}\.png',
+           'dino': r'ckpt\.pt|results\.json|curves\.png', 'finetune': r'ckpt\.pt|results\.json|curves\.png',
+           'probe': r'ckpt\.pt|results\.json', 'evaluate': r'eval\.json|eval\.md|recon\.png'}
+_held = {}  # real path of an out_dir -> [its lock, how many holders in this process]
+
+
 def lock_out_dir(out_dir, script):
-    """An exclusive flock on the out_dir itself, held by the returned descriptor and released by the OS when the
-    process ends however it ends: a killed run never leaves a stale lock, and two runs can never both hold it.
-    <out_dir>/.lock only tells others who holds it. Leftover temporary files of a killed save are removed."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(out_dir, os.O_RDONLY)
-    except OSError as e:
-        raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}): choose another --out_dir") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = ''
+    """Take the out_dir's lock: an exclusive flock on the folder itself, released by the OS when the process ends
+    however it ends, so a killed run never leaves a stale lock and two runs can never both hold it. No file is
+    written for it (who holds it is read from /proc/locks). The folder and missing parents are created; those still
+    empty when it is unlocked are removed again, so a run refused after taking the lock leaves nothing behind. A
+    process that holds the lock already gets it again (main() locks before its checks, Run then finds it held).
+    Temporary files that an earlier run of `script` left in a save it did not finish are removed (see
+    remove_stale_temps); nothing else in the folder is touched."""
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        _held[key][1] += 1
+        return _held[key][0]
+    missing, parent = [], os.path.abspath(out_dir)
+    while not os.path.lexists(parent):
+        missing.append(parent)  # deepest first
+        parent = os.path.dirname(parent)
+    lock = SimpleNamespace(fd=None, created=missing)
+    for _ in range(3):  # again if another run removed the folder between our open and our flock (see unlock_out_dir)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            lock.fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}): choose another --out_dir") from None
+        try:
+            fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(out_dir)
+            os.close(lock.fd)
+            raise UserError(f"out_dir {out_dir} is in use by {holder}: wait for it or choose another --out_dir") \
+                from None
+        here, now = os.fstat(lock.fd), None
         with contextlib.suppress(OSError):
-            holder = open(os.path.join(out_dir, '.lock')).read().strip()
-        raise UserError(f"out_dir {out_dir} is in use by {holder or 'another run'}: wait for it or choose another "
-                        f"--out_dir") from None
+            now = os.stat(out_dir)
+        if now is not None and (now.st_dev, now.st_ino) == (here.st_dev, here.st_ino):
+            break
+        os.close(lock.fd)
+    else:
+        raise UserError(f"out_dir {out_dir} keeps disappearing while it is locked: choose another --out_dir")
+    _held[key] = [lock, 1]
     try:
-        for name in os.listdir(out_dir):
-            if re.search(r'\.tmp\.\d+(\.png)?$', name):  # what save_atomic and the pictures write: a save killed
-                os.remove(os.path.join(out_dir, name))    # half-way, whose target file is intact
-        with open(os.path.join(out_dir, '.lock'), 'w') as f:
-            f.write(f"{script} (pid {os.getpid()})")
+        remove_stale_temps(out_dir, OUTPUTS.get(script))
     except OSError as e:
-        os.close(fd)
+        unlock_out_dir(lock, out_dir)
         raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}): choose another --out_dir") from None
-    return fd
+    return lock
 
 
-def unlock_out_dir(fd, out_dir):
-    with contextlib.suppress(OSError):
-        os.remove(os.path.join(out_dir, '.lock'))
-    os.close(fd)  # releases the flock
+def unlock_out_dir(lock, out_dir):
+    """Release lock_out_dir's lock (the last holder in this process releases the flock). The folders it created are
+    removed while the lock is still held, if they are empty: a refused run leaves no empty out_dir behind."""
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        _held[key][1] -= 1
+        if _held[key][1]:
+            return
+        del _held[key]
+    for folder in lock.created:
+        try:
+            os.rmdir(folder)  # only an empty folder, only one this run created
+        except OSError:
+            break
+    os.close(lock.fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def out_dir_locked(out_dir, script, take=True):
+    """lock_out_dir for a with block: main() holds it from before its first look at the out_dir until it returns,
+    so nothing can change the folder between the checks and the writes. Only rank 0 of a torchrun job takes it (the
+    other ranks write nothing); take=False (a benchmark, which writes nothing) takes none."""
+    lock = lock_out_dir(out_dir, script) if take and int(os.environ.get('RANK', 0)) == 0 else None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            unlock_out_dir(lock, out_dir)
+
+
+def lock_holder(out_dir):
+    """'pretrain.py (pid N)': the process holding the flock on the folder, read from /proc/locks and
+    /proc/N/cmdline (Linux; no file in the folder names it); 'another run' where those are not to be had."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        st = os.stat(out_dir)
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in open('/proc/locks'):
+            fields = line.split()  # '1: FLOCK  ADVISORY  WRITE 7761 fe:00:2236497 0 EOF' ('->' marks a waiter)
+            if fields[1] == 'FLOCK' and fields[5] == inode:
+                pid = int(fields[4])
+                args = open(f'/proc/{pid}/cmdline', 'rb').read().decode(errors='replace').split('\0')
+                name = next((os.path.basename(a) for a in args if a.endswith('.py')), ' '.join(args[:3]).strip())
+                return f"{name} (pid {pid})" if name else f"pid {pid}"
+    return 'another run'
+
+
+def remove_stale_temps(folder, names):
+    """Remove the temporary files that a killed save of ours left in `folder`: only a regular file of this user
+    named <one of `names` (a regex)>.tmp.<pid>[.png] whose process <pid> is no longer alive. A user's own files,
+    whatever their names, and the files of a save still under way are never touched."""
+    if not names:
+        return
+    pattern = re.compile(rf'(?:{names})\.tmp\.(\d+)(?:\.png)?')
+    for name in os.listdir(folder):
+        match = pattern.fullmatch(name)
+        path = os.path.join(folder, name)
+        if match and not _alive(int(match.group(1))):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+                os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # gone; a number no process can have
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def die_with_parent():
@@ -525,9 +699,14 @@ def cudagraph_proof(run):
 # checkpoints: atomic writes, safe loads, resume
 
 
+TORCH_WRITE_FAILED = re.compile(r'PytorchStreamWriter|inline_container|file write failed')  # torch.save's writer
+
+
 def save_atomic(obj, path):
-    """torch.save (or text, or bytes) to a temporary file in the same directory, fsync, then rename: never a
-    half-written file. A full disk is one line that says the previous file is intact."""
+    """torch.save (or text, or bytes) to a temporary file in the same directory, fsync, then rename: never a half-written
+    file. The temporary file is <path>.tmp.<pid> (a kill mid-save leaves it; remove_stale_temps knows it by that
+    name). A full disk is one line that says the previous file is intact, whether it comes as an OSError or, from
+    torch.save's zip writer, as a RuntimeError (with the OSError as its context, or none)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, 'w' if isinstance(obj, str) else 'wb') as f:
@@ -535,19 +714,85 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        cause = e  # torch's RuntimeError carries the OSError of the failed write as its context, when there was one
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None and not TORCH_WRITE_FAILED.search(str(e)):
+            raise  # not a failed write: a bug, whose traceback is what a bug report needs
+        why = (cause.strerror or str(cause) if cause is not None else
+               f"the write failed, a full disk? {' '.join(str(e).split())[:100]}")
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
-        raise UserError(f"could not write {path} ({e.strerror or e}); {kept}: free some space or choose another --out_dir") from None
+        raise UserError(f"could not write {path} ({why}); {kept}: free some space or choose another --out_dir") \
+            from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
-def load_checkpoint(path, kinds=None):
-    """A checkpoint written by one of our scripts, loaded with weights_only=True. `kinds` lists the acceptable
-    'kind' values ('pretrain', 'finetune', ...); anything else is a UserError naming the file."""
+def append_line(path, line):
+    """Append one line to a log (log.jsonl). A full disk is one line (a UserError), and the log is cut back to its
+    earlier lines: never a half-written last line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    size, text = os.fstat(fd).st_size, (line + '\n').encode()
+    try:
+        while text:
+            text = text[os.write(fd, text):]
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise UserError(f"could not append to {path} ({e.strerror}); its earlier lines are intact: free some space or "
+                        f"choose another --out_dir") from None
+    finally:
+        os.close(fd)
+
+
+def _tensor_dict(v):
+    return isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())
+
+
+def _finite_number(v):
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+# What a checkpoint holds: (test, what it must be) per key. Every reader needs READ_KEYS; a resume also needs its
+# kind's RESUME_KEYS (a probe reruns from the start: it needs nothing more).
+CHECKPOINT_KEYS = {
+    'model': (_tensor_dict, 'a dict of weight tensors'),
+    'model_config': (lambda v: isinstance(v, dict), 'a dict of the model\'s sizes'),
+    'config': (lambda v: isinstance(v, dict), 'a dict of the run\'s config'),
+    'optimizer': (lambda v: isinstance(v, dict) and isinstance(v.get('state'), dict)
+                  and isinstance(v.get('param_groups'), list), 'an optimizer state dict'),
+    'scaler': (lambda v: isinstance(v, dict), 'a GradScaler state dict'),
+    'rng': (lambda v: isinstance(v, dict) and isinstance(v.get('torch'), torch.Tensor)
+            and v['torch'].dtype == torch.uint8, 'the RNG states (a uint8 tensor under \'torch\')'),
+    'step': (lambda v: type(v) is int and v >= 0, 'an integer >= 0'),
+    'epoch': (lambda v: _finite_number(v) and v >= 0, 'a number >= 0'),
+    'objective': (lambda v: isinstance(v, dict) and _finite_number(v.get('c', 1.0)), 'the SMAE state (its c, a number)'),
+    'history': (lambda v: isinstance(v, list) and all(isinstance(r, dict) and 'step' in r for r in v),
+                'a list of evaluation records'),
+    'student': (_tensor_dict, 'a dict of weight tensors'),
+    'teacher_head': (_tensor_dict, 'a dict of weight tensors'),
+    'center': (lambda v: isinstance(v, torch.Tensor) and v.is_floating_point() and bool(v.isfinite().all()),
+               'a finite tensor'),
+}
+READ_KEYS = ('model', 'model_config', 'config')
+RESUME_KEYS = {'pretrain': ('optimizer', 'scaler', 'rng', 'step', 'epoch', 'objective'),
+               'finetune': ('optimizer', 'scaler', 'rng', 'step', 'epoch', 'history'),
+               'dino': ('optimizer', 'scaler', 'rng', 'step', 'epoch', 'student', 'teacher_head', 'center'),
+               'probe': ('step', 'epoch')}
+
+
+def load_checkpoint(path, kinds=None, resume=False):
+    """A checkpoint written by one of our scripts, loaded with weights_only=True and checked against
+    CHECKPOINT_KEYS: READ_KEYS and a valid stored model config always, its kind's RESUME_KEYS when `resume`. `kinds`
+    lists the acceptable 'kind' values ('pretrain', 'finetune', ...). Anything wrong is one UserError naming the
+    file and what is wrong with it."""
     if not path:
         raise UserError("no checkpoint given: pass --ckpt PATH")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a file: pass the checkpoint file in it "
+                        f"(a run writes {os.path.join(path, 'ckpt.pt')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path (a pre-training run writes <out_dir>/ckpt.pt)")
     try:
@@ -559,17 +804,65 @@ def load_checkpoint(path, kinds=None):
             or not isinstance(ck.get('config', {}), dict):
         raise UserError(f"{path} is not a checkpoint of this toolkit (expected a dict with 'kind', 'model' and 'config')")
     if kinds and ck['kind'] not in kinds:
-        raise UserError(f"{path} is a {ck['kind']}.py checkpoint, but a {' or '.join(k + '.py' for k in kinds)} checkpoint is expected here")
+        raise UserError(f"{path} holds a {ck['kind']}.py run, not a {kinds[0]}.py run: choose another --out_dir"
+                        if resume else f"{path} is a {ck['kind']}.py checkpoint, but a "
+                                       f"{' or '.join(k + '.py' for k in kinds)} checkpoint is expected here")
+    needed = READ_KEYS + (RESUME_KEYS.get(ck['kind'], ()) if resume else ())
+    missing = [k for k in needed if k not in ck]
+    if missing:
+        raise UserError(f"{path} is damaged: it has no {', '.join(repr(k) for k in missing)}, which "
+                        f"{'a resume' if resume else 'loading its model'} needs; start afresh from an intact "
+                        f"checkpoint")
+    for key in needed:
+        test, what = CHECKPOINT_KEYS[key]
+        if not test(ck[key]):
+            found = ck[key]
+            if isinstance(found, dict):  # the first value that is not a tensor
+                found = next((f"{k!r}: {type(v).__name__}" for k, v in found.items()
+                              if not isinstance(v, torch.Tensor)), 'a dict')
+            raise UserError(f"{path} is damaged: its {key!r} should be {what}, but holds {str(found)[:80]}; start "
+                            f"afresh from an intact checkpoint")
+    _check_model_config(ck, path)
     return ck
 
 
+def _check_model_config(ck, path):
+    """The stored model config must name every model size with a value of its type (a finite number for a float):
+    a missing field would silently take ViTConfig's default and build another model."""
+    mc = ck['model_config']
+    if ck['kind'] == 'finetune' and ck['config'].get('arch') == 'squeezenet':
+        problems = [] if type(mc.get('num_classes')) is int and mc['num_classes'] >= 1 else \
+            [f"num_classes={mc.get('num_classes')!r}, not an integer >= 1"]
+    else:
+        problems = []
+        for field in dataclasses.fields(M.ViTConfig):
+            kind, value = field.type, mc.get(field.name)
+            if field.name not in mc:
+                problems.append(f"no {field.name}")
+            elif not (type(value) is kind or (kind is float and type(value) is int)) or \
+                    (kind is float and not math.isfinite(value)):
+                problems.append(f"{field.name}={value!r}, not {TYPE_WORDS[kind]}")
+        problems += [f"an unknown field {k!r}" for k in mc if k not in M.ViTConfig.__dataclass_fields__]
+        if not problems:
+            try:
+                M.ViTConfig(**mc)
+            except ValueError as e:
+                problems.append(str(e).split(':')[0])
+    if problems:
+        raise UserError(f"{path}: its stored model config is missing or malformed ({'; '.join(problems[:4])}); the "
+                        f"file is damaged or was not written by this toolkit's scripts")
+
+
 def model_config(ck, path, **overrides):
-    """The ViTConfig stored in a checkpoint, with field overrides (None ignored); a malformed one is a UserError."""
+    """The ViTConfig stored in a checkpoint (load_checkpoint has checked it), with field overrides (None ignored) from
+    the user's config: a value the model refuses there is the user's to change, and the message says so."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return replace(M.ViTConfig(**ck['model_config']), **{k: v for k, v in overrides.items() if v is not None})
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: its stored model config is missing or malformed ({e}); it was not written by this "
-                        f"toolkit's pretrain.py or dino.py") from None
+        return replace(M.ViTConfig(**ck['model_config']), **overrides)
+    except ValueError as e:
+        given = ', '.join(f"--{k} {v}" for k, v in overrides.items()
+                          if k != 'num_classes' and ck['model_config'].get(k) != v)  # (the dataset's, not an option)
+        raise UserError(f"{given or 'the config'} does not fit the model stored in {path}: {e}") from None
 
 
 def preset_config(cfg, **fields):
@@ -604,35 +897,67 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
 NOT_THE_RUN = ('resume', 'out_dir', 'data_dir', 'download')
 
 
-def check_out_dir(cfg, given, kind, fixed):
-    """Resume or start fresh, never mixing two runs in one out_dir and never rewriting a finished run. Returns the
-    checkpoint to resume from (or None) and the config to run with: on resume, the checkpoint's config with only
-    the given names changed; the names in `fixed` (architecture, data, batch) may not change. Called before the
-    out_dir is locked, so that a refusal writes nothing (a resume only reads)."""
+def check_out_dir(cfg, given, kind, fixed, checks=()):
+    """Resume or start fresh, never mixing two runs in one out_dir and never rewriting a finished run (one that has
+    written its results.json). Call it with the out_dir locked (out_dir_locked): nothing can change the folder
+    between this look and the run's writes. Returns the checkpoint to resume from (or None) and the config to run
+    with: on resume, the checkpoint's config with only the given names changed and the out_dir as given (the folder
+    may have moved), each stored value held to configure's rules and the script's `checks` again; the names in
+    `fixed` (architecture, data, batch) may not change. A checkpoint at the end of its schedule without results.json
+    (a run stopped at its last step, or killed before its summary) is resumed to finish: the end-of-run work."""
     path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory, not a checkpoint: choose another --out_dir")
     if not cfg.resume:
-        if os.path.exists(path):
+        if os.path.lexists(path):
             raise UserError(f"{path} already holds a checkpoint: pass --resume true to continue that run, or choose another --out_dir")
         return None, cfg
     if not os.path.exists(path):
         raise UserError(f"--resume true but there is no checkpoint at {path}: run without --resume to start fresh")
-    ck = load_checkpoint(path)
-    if ck['kind'] != kind:
-        raise UserError(f"{path} holds a {ck['kind']}.py run, not a {kind}.py run: choose another --out_dir")
+    ck = load_checkpoint(path, kinds=(kind,), resume=True)
     old = ck['config']
+    lacking = [k for k in (*fixed, 'epochs') if k not in old]
+    if lacking:
+        raise UserError(f"{path} is damaged: its stored config has no {', '.join(lacking)}, which a resume needs (the "
+                        f"weights and the step count depend on them); start afresh in another --out_dir")
     clash = [f"{k}={old.get(k)!r} in the checkpoint vs {getattr(cfg, k)!r}" for k in fixed
              if k in given and old.get(k) != getattr(cfg, k)]
     if clash:
         raise UserError(f"--resume with a config that contradicts the checkpoint's run ({'; '.join(clash)}): the stored "
                         f"weights and step count depend on it; drop those overrides or choose another --out_dir")
-    merged = {k: (getattr(cfg, k) if (k in given or k not in old) else old[k]) for k in vars(cfg)}
-    if ck.get('epoch', 0) >= merged['epochs'] and 'step' in ck:
-        raise UserError(f"{path} is a finished run of {old.get('epochs')} epochs: nothing to resume; to train it "
-                        f"further pass --epochs N with N > {ck['epoch']:g}, or choose another --out_dir")
+    stored = [k for k in vars(cfg) if k in old and k not in given and k != 'out_dir']
+    for k in stored:
+        problem = _value_problem(k, old[k], getattr(cfg, k))  # (a name not given holds its default)
+        if problem:
+            raise UserError(f"{path} is damaged: its stored config has {k}={old[k]!r}, but {problem}; " +
+                            ("start afresh in another --out_dir" if k in fixed else f"pass --{k} VALUE to override it"))
+    merged = {k: old[k] if k in stored else getattr(cfg, k) for k in vars(cfg)}
+    for test, message in checks:
+        if not test(SimpleNamespace(**merged)):
+            raise UserError(f"{message.format(**merged)} (with the config stored in {path})")
+    done, epochs = ck['epoch'], merged['epochs']
+    if done >= epochs and os.path.exists(os.path.join(cfg.out_dir, 'results.json')):
+        raise UserError(f"{path} is a finished run of {old['epochs']} epochs: nothing to resume; to train it "
+                        f"further pass --epochs N with N > {done:g}, or choose another --out_dir")
+    if done > epochs:
+        raise UserError(f"{path} is at epoch {done:g}, beyond --epochs {epochs}: pass --epochs {math.ceil(done)} or "
+                        f"more, or choose another --out_dir")
     changed = {k: (old.get(k), merged[k]) for k in given if old.get(k) != merged[k] and k not in NOT_THE_RUN}
-    if changed and int(os.environ.get('RANK', 0)) == 0:
-        print("resume: changed from the checkpoint's config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if int(os.environ.get('RANK', 0)) == 0:
+        if changed:
+            print("resume: changed from the checkpoint's config: "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if done == epochs:
+            print(f"resume: {path} is at the end of its {epochs} epochs but the run has no results.json (it stopped "
+                  f"before its end-of-run work): finishing it")
     return ck, SimpleNamespace(**merged)
+
+
+def resume_command(script, out_dir):
+    """The command that continues a stopped run, quoted for a shell (a path with spaces)."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    return f"{launcher} {script}.py --resume true --out_dir {shlex.quote(str(out_dir))}"
 
 
 def rng_state():

@@ -103,6 +103,9 @@ CHECKS = [  # rules between values (each value's own rule is in common.RULES)
     (lambda c: 0 < c.local_crops_min < c.global_crops_min or c.local_crops_number == 0, "--local_crops_min "
      "{local_crops_min} must be in (0, --global_crops_min {global_crops_min}): local crops cover [local_crops_min, "
      "global_crops_min] of the image area"),
+    (lambda c: c.min_lr <= c.lr * c.batch_size / 256, "--min_lr {min_lr} is above the peak lr (--lr {lr} x "
+     "--batch_size {batch_size} / 256): the cosine 'decay' would rise; choose --min_lr at most the peak lr (the "
+     "recipe's is 1e-6)"),
 ]
 FIXED_ON_RESUME = ('model', 'img_size', 'patch_size', 'out_dim', 'head_hidden', 'head_bottleneck', 'dataset', 'subset',
                    'batch_size')  # the weights and the step count depend on these
@@ -348,12 +351,16 @@ def flops_per_image(dino, img_size, local_size, n_local, device):
 
 
 def main(argv=None):
-    # config, resume and the model's checks before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
-    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'dino', FIXED_ON_RESUME)
-    mcfg = common.preset_config(cfg)
-    with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
-        return train(cfg, given, ck, mcfg, run)
+    # the out_dir is locked before it is looked at, so no other run can change it between the checks and the writes
+    with common.out_dir_locked(cfg.out_dir, 'dino', take=cfg.bench_steps == 0):
+        # resume or start fresh, and the model's checks before anything is written
+        ck, cfg = ((None, cfg) if cfg.bench_steps else
+                   common.check_out_dir(cfg, given, 'dino', FIXED_ON_RESUME, CHECKS))
+        mcfg = common.preset_config(cfg)
+        local_view_size(cfg, mcfg)
+        with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
+            return train(cfg, given, ck, mcfg, run)
 
 
 def train(cfg, given, ck, mcfg, run):
@@ -422,7 +429,8 @@ def train(cfg, given, ck, mcfg, run):
                             'student': student.state_dict(), 'teacher_head': teacher.head.state_dict(),
                             'center': dino.center, 'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
                             'step': step, 'epoch': step / steps_per_epoch, 'config': vars(cfg),
-                            'rng': common.rng_state(), 'knn_top1': top1, 'knn_floor': knn_floor},
+                            'rng': common.rng_state(), 'knn_top1': top1, 'knn_floor': knn_floor,
+                            'loss': loss_now, 'teacher_entropy': entropy_now},
                            os.path.join(cfg.out_dir, 'ckpt.pt'))
 
     def knn(what):
@@ -434,6 +442,15 @@ def train(cfg, given, ck, mcfg, run):
                 f"kNN top-1 of the teacher on {len(val_split.labels)} val images ({what}): {result['top1']:.2f}% "
                 f"({len(knn_split.labels)} bank, {time.time() - t0:.1f}s)")
         return result['top1']
+
+    def knn_and_save(done):
+        """At the end of epoch `done` (rank 0): the teacher's kNN, then ckpt.pt. -> the kNN top-1."""
+        top1 = knn(f"epoch {done}")
+        save(top1)
+        run.log(dict(event='checkpoint', step=step, epoch=done, knn_top1=top1),
+                f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
+        evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: loss, entropy, lr, kNN and floor
+        return top1
 
     if not cfg.bench_steps and step == 0:
         knn_floor = knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
@@ -447,7 +464,9 @@ def train(cfg, given, ck, mcfg, run):
     dino.train()
     t_start = t_log = time.time()
     sums, teacher_sum = torch.zeros(2, device=device), torch.zeros(cfg.out_dim, device=device)  # (loss, entropy), (K,)
-    n_losses, step_logged, loss_now, entropy_now, top1 = 0, step, float('nan'), float('nan'), None
+    n_losses, step_logged, top1 = 0, step, None
+    loss_now, entropy_now = (ck.get(k, float('nan')) if ck is not None else float('nan')  # the last logged values
+                             for k in ('loss', 'teacher_entropy'))
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
@@ -525,20 +544,20 @@ def train(cfg, given, ck, mcfg, run):
                 if run.master:
                     save()
                 run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; continue "
-                          f"with: python dino.py --resume true --out_dir {cfg.out_dir}")
+                          f"with: {common.resume_command('dino', cfg.out_dir)}")
                 return 128 + run.stop_signal
-            if end_of_epoch:
+            if end_of_epoch and step < total_steps:  # (the last epoch's kNN and checkpoint: at the end, below)
                 done = step // steps_per_epoch
-                checkpoint = done % cfg.ckpt_every == 0 or step == total_steps
-                if run.master and checkpoint:
-                    top1 = knn(f"epoch {done}")
-                    save(top1)
-                    run.log(dict(event='checkpoint', step=step, epoch=done, knn_top1=top1),
-                            f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
-                    evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: loss, entropy, lr, kNN and floor
-                if run.ddp and checkpoint:
+                if run.master and done % cfg.ckpt_every == 0:
+                    top1 = knn_and_save(done)
+                if run.ddp and done % cfg.ckpt_every == 0:
                     torch.distributed.barrier()
 
+    # the end of the run, where a run stopped at its last step resumes: the final kNN, checkpoint and summary
+    if run.master:
+        top1 = knn_and_save(step // steps_per_epoch)
+    if run.ddp:
+        torch.distributed.barrier()
     if run.master:  # the run's summary; its presence also marks the run as finished (reproduce.sh skips it)
         summary = dict(script='dino', model=cfg.model, dataset=cfg.dataset, epochs=cfg.epochs, steps=step,
                        final_loss=loss_now, teacher_entropy=entropy_now, log_k=math.log(cfg.out_dim),

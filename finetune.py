@@ -76,11 +76,18 @@ bench_steps = 0             # >0: benchmark mode: time this many steps after war
 bench_warmup = 30           # benchmark warm-up steps (compilation, CUDA graph capture)
 # -----------------------------------------------------------------------------
 
+SQUEEZENET_MIN_SIZE = 17    # the smallest image SqueezeNet 1.1 takes (a stride-2 conv, then three 3x3 stride-2 pools)
 CHECKS = [  # rules between values (each value's own rule is in common.RULES)
     (lambda c: c.arch == 'vit' or not c.ckpt, "--arch squeezenet trains from scratch (SqueezeNet has no MAE "
      "pre-training), but --ckpt {ckpt} was given: drop --ckpt, or use --arch vit to fine-tune that checkpoint"),
     (lambda c: c.arch == 'vit' or (c.layer_decay, c.drop_path, c.global_pool) == (1.0, 0.0, 'cls'),
      "--layer_decay, --drop_path and --global_pool apply to ViTs only: drop them with --arch squeezenet"),
+    (lambda c: c.arch == 'vit' or not c.img_size or c.img_size >= SQUEEZENET_MIN_SIZE, "--img_size {img_size} is too "
+     f"small for SqueezeNet 1.1 (its stride-2 convolution and three stride-2 max-pools leave nothing below "
+     f"{SQUEEZENET_MIN_SIZE} pixels): choose --img_size {SQUEEZENET_MIN_SIZE} or more (the recipe's is 64)"),
+    (lambda c: c.min_lr <= base_lr(c) * c.batch_size / 128, "--min_lr {min_lr} is above the peak lr (the base lr x "
+     "--batch_size {batch_size} / 128, the base lr being --lr or, at 0, the recipe's): the cosine 'decay' would rise; "
+     "choose --min_lr at most the peak lr (the recipe's is 0)"),
 ]
 FIXED_ON_RESUME = ('arch', 'model', 'img_size', 'patch_size', 'global_pool', 'ckpt', 'dataset', 'subset', 'batch_size')
 RECIPE_LR = {'cub': 5e-4}   # base lr at batch 128 when --lr is 0; 1e-3 for every other dataset
@@ -163,15 +170,21 @@ def val_metrics(net, split, img_size, run):
 
 
 def main(argv=None):
-    # config, resume and every check (model, --ckpt) before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
-    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'finetune', FIXED_ON_RESUME)
-    if cfg.arch == 'vit' and not cfg.ckpt:
-        common.preset_config(cfg, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
-    # the pre-training checkpoint (--ckpt), read once here and reused by build()
-    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt and ck is None else None
-    with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:
-        return train(cfg, given, ck, pre, run)
+    # the out_dir is locked before it is looked at, so no other run can change it between the checks and the writes
+    with common.out_dir_locked(cfg.out_dir, 'finetune', take=cfg.bench_steps == 0):
+        # resume or start fresh, and every check (model, --ckpt) before anything is written
+        ck, cfg = ((None, cfg) if cfg.bench_steps else
+                   common.check_out_dir(cfg, given, 'finetune', FIXED_ON_RESUME, CHECKS))
+        if cfg.arch == 'vit' and not cfg.ckpt:
+            common.preset_config(cfg, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
+        # the pre-training checkpoint (--ckpt), read once here and reused by build(), and the sizes given with it
+        pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt and ck is None else None
+        if pre is not None:
+            common.model_config(pre, cfg.ckpt, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
+                                drop_path=cfg.drop_path, global_pool=cfg.global_pool)
+        with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:
+            return train(cfg, given, ck, pre, run)
 
 
 def train(cfg, given, ck, pre, run):
@@ -328,13 +341,13 @@ def train(cfg, given, ck, pre, run):
                 if run.master:
                     save()
                 run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; continue "
-                          f"with: python finetune.py --resume true --out_dir {cfg.out_dir}")
+                          f"with: {common.resume_command('finetune', cfg.out_dir)}")
                 return 128 + run.stop_signal
-            if end_of_epoch:
+            if end_of_epoch and step < total_steps:  # (the last epoch's evaluation and checkpoint: at the end, below)
                 done = step // steps_per_epoch
-                if done % cfg.eval_every == 0 or step == total_steps:
+                if done % cfg.eval_every == 0:
                     run_eval()  # every rank: its share of the val set, summed
-                if done % cfg.ckpt_every == 0 or step == total_steps:
+                if done % cfg.ckpt_every == 0:
                     if run.master:
                         save()
                         run.log(dict(event='checkpoint', step=step, epoch=done), f"epoch {done}: saved {cfg.out_dir}/ckpt.pt")
@@ -342,6 +355,16 @@ def train(cfg, given, ck, pre, run):
                     if run.ddp:
                         torch.distributed.barrier()
 
+    # the end of the run, where a run stopped at its last step resumes: the final evaluation, checkpoint and results
+    if not history or history[-1]['step'] != step:
+        run_eval()  # every rank: its share of the val set, summed
+    if run.master:
+        save()
+        run.log(dict(event='checkpoint', step=step, epoch=step // steps_per_epoch),
+                f"epoch {step // steps_per_epoch}: saved {cfg.out_dir}/ckpt.pt")
+        evaluate.write_learning_curves(cfg.out_dir, run)
+    if run.ddp:
+        torch.distributed.barrier()
     final, best = history[-1], max(history, key=lambda r: r['top1'])
     if run.master:
         results = dict(top1=final['top1'], top5=final['top5'], loss=final['loss'], epoch=final['epoch'], step=step,

@@ -81,10 +81,16 @@ CHECKS = [  # rules between values (each value's own rule is in common.RULES)
      "--weight_decay 0.15, then pass --critic out/critic/ckpt.pt"),
     (lambda c: c.weighting == 'fixed' or c.alpha > 0, "--weighting {weighting} mixes the pixel and the perceptual "
      "loss, but --alpha 0 has no perceptual loss: set --alpha > 0 and --critic, or drop --weighting"),
+    (lambda c: c.alpha > 0 or not c.critic, "--critic {critic} is unused with --alpha 0 (plain MAE has no perceptual "
+     "loss): set --alpha > 0 for SMAE (the study's is 0.5), or drop --critic"),
+    (lambda c: c.min_lr <= c.lr * c.batch_size / 128, "--min_lr {min_lr} is above the peak lr (--lr {lr} x "
+     "--batch_size {batch_size} / 128): the cosine 'decay' would rise; choose --min_lr at most the peak lr (the "
+     "recipe's is 0)"),
 ]
 FIXED_ON_RESUME = ('model', 'img_size', 'patch_size', 'norm_pix_loss', 'alpha', 'critic', 'dataset', 'subset',
                    'batch_size')  # the weights and the step count depend on these
 CRITIC_HOWTO = CHECKS[0][1].split(': ', 1)[1]
+CRITIC_MIN_SIZE = 5         # the critic (SqueezeNet up to its second Fire module) needs images of at least 5 pixels
 
 
 def load_critic(cfg):
@@ -135,14 +141,21 @@ def calibrate(objective, loader, cfg, run):
 
 
 def main(argv=None):
-    # config, resume and every check (model, critic) before anything is written
     cfg, given = common.configure(globals(), argv, CHECKS)
-    ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'pretrain', FIXED_ON_RESUME)
-    mcfg = common.preset_config(cfg, norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
-                                loss_on_all=cfg.alpha > 0)
-    critic = load_critic(cfg)
-    with common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0) as run:
-        return train(cfg, given, ck, mcfg, critic, run)
+    # the out_dir is locked before it is looked at, so no other run can change it between the checks and the writes
+    with common.out_dir_locked(cfg.out_dir, 'pretrain', take=cfg.bench_steps == 0):
+        # resume or start fresh, and every check (model, critic) before anything is written
+        ck, cfg = ((None, cfg) if cfg.bench_steps else
+                   common.check_out_dir(cfg, given, 'pretrain', FIXED_ON_RESUME, CHECKS))
+        mcfg = common.preset_config(cfg, norm_pix_loss=cfg.norm_pix_loss, masking=cfg.masking, mask_ratio=cfg.mask,
+                                    loss_on_all=cfg.alpha > 0)
+        if cfg.alpha > 0 and mcfg.img_size < CRITIC_MIN_SIZE:
+            raise common.UserError(f"img_size {mcfg.img_size} is too small for the SMAE critic (SqueezeNet's first "
+                                   f"layers need {CRITIC_MIN_SIZE} pixels): choose --img_size {CRITIC_MIN_SIZE} or "
+                                   f"more")
+        critic = load_critic(cfg)
+        with common.Run(cfg, 'pretrain', lock=cfg.bench_steps == 0) as run:
+            return train(cfg, given, ck, mcfg, critic, run)
 
 
 def train(cfg, given, ck, mcfg, critic, run):
@@ -204,7 +217,7 @@ def train(cfg, given, ck, mcfg, critic, run):
         common.save_atomic({'kind': 'pretrain', 'model': mae.state_dict(), 'model_config': asdict(mcfg),
                             'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
                             'objective': objective.extra_state(), 'step': step, 'epoch': step / steps_per_epoch,
-                            'config': vars(cfg), 'rng': common.rng_state(), 'val_loss': val_loss},
+                            'config': vars(cfg), 'rng': common.rng_state(), 'val_loss': val_loss, 'loss': loss_now},
                            os.path.join(cfg.out_dir, 'ckpt.pt'))
 
     @torch.no_grad()
@@ -232,6 +245,20 @@ def train(cfg, given, ck, mcfg, critic, run):
                 f"({len(knn_split.labels)} bank, {time.time() - t0:.1f}s)")
         return result['top1']
 
+    def evaluate_and_save(done):
+        """At the end of epoch `done` (rank 0): the val loss and kNN, then ckpt.pt. -> the val loss."""
+        vl, top1 = val_loss(), knn(f"epoch {done}")
+        save(vl)
+        run.log(dict(event='checkpoint', step=step, epoch=done, val_loss=vl, knn_top1=top1),
+                f"epoch {done}: val masked-patch loss {vl:.4f}; saved {cfg.out_dir}/ckpt.pt")
+        evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: losses, lr, kNN beside its floor
+        return vl
+
+    def picture(done, vl):
+        evaluate.reconstruction_grid(mae, val_x[::max(1, len(val_x) // 8)][:8], cfg.mask, cfg.masking, cfg.seed,
+                                     os.path.join(cfg.out_dir, f"recon_ep{done:04d}.png"),
+                                     f"{cfg.out_dir}, epoch {done}" + (f", val loss {vl:.4f}" if vl else ""))
+
     if not cfg.bench_steps and step == 0:
         knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
 
@@ -243,7 +270,8 @@ def train(cfg, given, ck, mcfg, critic, run):
     # the loop
     mae.train()
     t_start = t_log = time.time()
-    loss_sum, n_losses, step_logged, loss_now, vl = torch.zeros((), device=device), 0, step, float('nan'), None
+    loss_sum, n_losses, step_logged, vl = torch.zeros((), device=device), 0, step, None
+    loss_now = ck.get('loss', float('nan')) if ck is not None else float('nan')  # the last logged loss
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):
@@ -308,24 +336,24 @@ def train(cfg, given, ck, mcfg, critic, run):
                 if run.master:
                     save()
                 run.print(f"stopped by signal at step {step}; checkpoint saved to {cfg.out_dir}/ckpt.pt; continue "
-                          f"with: python pretrain.py --resume true --out_dir {cfg.out_dir}")
+                          f"with: {common.resume_command('pretrain', cfg.out_dir)}")
                 return 128 + run.stop_signal
-            if end_of_epoch:
+            if end_of_epoch and step < total_steps:  # (the last epoch's checkpoint and picture: at the end, below)
                 done = step // steps_per_epoch
-                checkpoint = done % cfg.ckpt_every == 0 or step == total_steps
+                checkpoint = done % cfg.ckpt_every == 0
                 if run.master and checkpoint:
-                    vl, top1 = val_loss(), knn(f"epoch {done}")
-                    save(vl)
-                    run.log(dict(event='checkpoint', step=step, epoch=done, val_loss=vl, knn_top1=top1),
-                            f"epoch {done}: val masked-patch loss {vl:.4f}; saved {cfg.out_dir}/ckpt.pt")
-                    evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: losses, lr, kNN beside its floor
-                if run.master and (done % cfg.picture_every == 0 or step == total_steps):
-                    evaluate.reconstruction_grid(mae, val_x[::max(1, len(val_x) // 8)][:8], cfg.mask, cfg.masking,
-                                                 cfg.seed, os.path.join(cfg.out_dir, f"recon_ep{done:04d}.png"),
-                                                 f"{cfg.out_dir}, epoch {done}" + (f", val loss {vl:.4f}" if vl else ""))
+                    vl = evaluate_and_save(done)
+                if run.master and done % cfg.picture_every == 0:
+                    picture(done, vl)
                 if run.ddp and checkpoint:
                     torch.distributed.barrier()
 
+    # the end of the run, where a run stopped at its last step resumes: the final checkpoint, picture and summary
+    if run.master:
+        vl = evaluate_and_save(step // steps_per_epoch)
+        picture(step // steps_per_epoch, vl)
+    if run.ddp:
+        torch.distributed.barrier()
     if run.master:  # the run's summary; its presence also marks the run as finished (reproduce.sh skips it)
         summary = dict(script='pretrain', model=cfg.model, dataset=cfg.dataset, mask=cfg.mask, masking=cfg.masking,
                        alpha=cfg.alpha, epochs=cfg.epochs, steps=step, final_loss=loss_now, val_loss=vl,

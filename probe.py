@@ -148,12 +148,16 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
 
 def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
-    _, cfg = common.check_out_dir(cfg, given, 'probe', ())  # refuses another run's out_dir and a finished probe
-    pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))  # a wrong --ckpt fails before anything is written
-    with common.Run(cfg, 'probe', lock=int(os.environ.get('RANK', 0)) == 0, training=False) as run:
-        if not run.master:
-            return 0  # rank 0 does the whole probe: the features take seconds to extract
-        return probe(cfg, given, pre, run)
+    # the out_dir is locked before it is looked at, so no other run can change it between the checks and the writes
+    with common.out_dir_locked(cfg.out_dir, 'probe'):
+        _, cfg = common.check_out_dir(cfg, given, 'probe', (), CHECKS)  # refuses another run's folder, a finished probe
+        # a wrong --ckpt, or an --img_size it cannot take, fails before anything is written
+        pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))
+        common.model_config(pre, cfg.ckpt, img_size=cfg.img_size or None)
+        with common.Run(cfg, 'probe', lock=int(os.environ.get('RANK', 0)) == 0, training=False) as run:
+            if not run.master:
+                return 0  # rank 0 does the whole probe: the features take seconds to extract
+            return probe(cfg, given, pre, run)
 
 
 def probe(cfg, given, pre, run):
@@ -163,7 +167,11 @@ def probe(cfg, given, pre, run):
     cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually probed
     train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
     val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
-    num_classes, peak_lr = train_split.num_classes, cfg.lr * cfg.batch_size / 128
+    batch = min(cfg.batch_size, len(train_split.labels))  # fewer images than a batch: each step takes them all
+    num_classes, peak_lr = train_split.num_classes, cfg.lr * batch / 128  # the lr of the batch actually used
+    if batch < cfg.batch_size:
+        run.print(f"batch: the {batch} training images are fewer than --batch_size {cfg.batch_size}: each step takes "
+                  f"them all, and the lr is scaled for a batch of {batch}")
     warmup_epochs = common.warmup_steps(cfg, given, 1, run, unit='epoch')  # (in epochs: one 'step' per epoch)
     run.banner({'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)",
                 'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)", 'classes': num_classes,

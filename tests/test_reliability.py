@@ -1,8 +1,11 @@
 """Reliability: a killed run loses nothing, bad input gets one clear line and a non-zero exit, no good file is
 overwritten. Each row of the README's bad-input table has a test here (or in the test file named beside it)."""
+import hashlib
 import importlib
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,13 +59,27 @@ RUN = ('--epochs', 3, '--ckpt_every', 1, '--picture_every', 100)
 
 
 @pytest.fixture(scope='module')
-def straight(tmp_path_factory):
-    """The uninterrupted reference run, shared by the kill tests."""
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference run's folder, shared by the kill tests."""
     from conftest import TINY
     out = tmp_path_factory.mktemp('straight')
     argv = TINY + ['--out_dir', str(out), '--data_dir', str(out / 'data')] + [str(a) for a in RUN]
     assert pretrain.main(argv) == 0
-    return weights(out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def straight(straight_run):
+    """The uninterrupted reference run's final weights."""
+    return weights(straight_run)
+
+
+@pytest.fixture
+def finished(tmp_path, straight_run):
+    """A copy of the finished reference run (3 epochs) as tmp_path/run: tiny('--resume', 'true', '--epochs', 4)
+    extends it by one epoch."""
+    shutil.copytree(straight_run, tmp_path / 'run', ignore=shutil.ignore_patterns('data'))
+    return tmp_path / 'run'
 
 
 def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(tiny, tmp_path, straight):
@@ -232,16 +249,30 @@ def test_resume_with_contradicting_architecture_is_refused(tiny, tmp_path, capsy
     assert pretrain.main(tiny('--resume', 'true', '--epochs', 2)) == 0
 
 
+def _hold_the_lock(out, ready, release):
+    common.lock_out_dir(out, 'finetune')
+    ready.set()
+    release.wait(120)
+
+
 def test_two_runs_in_one_out_dir_are_refused(tiny, tmp_path, capsys, monkeypatch):
-    held = common.lock_out_dir(str(tmp_path / 'run'), 'finetune')  # another run holds the out_dir
-    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'is in use by finetune (pid')
-    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
-    common.unlock_out_dir(held, str(tmp_path / 'run'))
-    # what a killed run leaves (its .lock note, a half-written save) does not block the next one, which cleans up
-    (tmp_path / 'run' / '.lock').write_text("pretrain (pid 999999999)")
-    (tmp_path / 'run' / 'ckpt.pt.tmp.999999999').write_bytes(b'PK partial')
-    assert pretrain.main(tiny('--epochs', 1)) == 0
-    assert sorted(os.listdir(tmp_path / 'run')) == ['ckpt.pt', 'curves.png', 'log.jsonl', 'recon_ep0001.png', 'results.json']
+    """Another process holds the out_dir: the second run names it (from /proc/locks) and changes nothing."""
+    import multiprocessing
+    ctx = multiprocessing.get_context('fork')
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_the_lock, args=(str(tmp_path / 'run'), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        before = snapshot(tmp_path / 'run')
+        one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'is in use by',
+                       f'(pid {holder.pid})', 'wait for it or choose another --out_dir')
+        assert snapshot(tmp_path / 'run') == before == {}, "the refused run wrote into the folder"
+    finally:
+        release.set()
+        holder.join(60)
+    # the holder is gone, its lock with it: the folder is free again
+    common.unlock_out_dir(common.lock_out_dir(str(tmp_path / 'run'), 'pretrain'), str(tmp_path / 'run'))
 
 
 def _race_for_the_lock(out, barrier, results):
@@ -279,7 +310,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(common.UserError, match=r'No space left on device\); the previous ckpt.pt is intact'):
         common.save_atomic({'kind': 'pretrain', 'model': {}, 'v': 2}, path)
     monkeypatch.setattr(torch, 'save', real)
-    assert common.load_checkpoint(path)['v'] == 1, "the good checkpoint was damaged"
+    assert torch.load(path, weights_only=True)['v'] == 1, "the good checkpoint was damaged"
     assert os.listdir(tmp_path) == ['ckpt.pt'], "a temporary file was left behind"
 
 
@@ -358,13 +389,14 @@ def test_download_into_a_file_row(tmp_path, capsys, monkeypatch):
 def test_malformed_model_config_row(pre, tmp_path, capsys, monkeypatch):
     import finetune
     ck = torch.load(pre, weights_only=True)
-    for bad in ({'bogus_field': 1}, None):
+    for bad, needle in (({'bogus_field': 1}, "stored model config is missing or malformed (no img_size;"),
+                        (None, "is damaged: its 'model_config' should be a dict of the model's sizes, but holds None")):
         ck['model_config'] = bad
         path = tmp_path / 'odd.pt'
         torch.save(ck, path)
         code, err = run_cli(finetune.main, ['--ckpt', path, '--dataset', 'demo', '--out_dir', tmp_path / 'ft'],
                             capsys, monkeypatch, script='finetune.py')
-        one_line_error(code, err, str(path), 'stored model config is missing or malformed')
+        one_line_error(code, err, str(path), needle)
         nothing_written(tmp_path / 'ft')
 
 
@@ -376,8 +408,8 @@ def test_weights_that_do_not_fit_the_stored_architecture_row(script, pre, tmp_pa
     del ck['model']['blocks.0.attn.qkv.weight']
     ck['model']['extra.weight'] = torch.zeros(2)
     torch.save(ck, tmp_path / 'damaged.pt')
-    code, err = run_cli(module.main, ['--ckpt', tmp_path / 'damaged.pt', '--dataset', 'demo', '--out_dir', tmp_path / 'out'],
-                        capsys, monkeypatch, script=f'{script}.py')
+    argv = ['--ckpt', tmp_path / 'damaged.pt', '--dataset', 'demo', '--out_dir', tmp_path / 'out']
+    code, err = run_cli(module.main, argv, capsys, monkeypatch, script=f'{script}.py')
     one_line_error(code, err, 'damaged.pt does not fit this model', "missing keys ['blocks.0.attn.qkv.weight']",
                    "unexpected keys ['extra.weight']")
     nothing_written(tmp_path / 'out')
@@ -418,3 +450,419 @@ def test_more_evaluation_workers_than_cores_row(pre, tmp_path, capsys, monkeypat
                         monkeypatch, script='evaluate.py')
     one_line_error(code, err, f'--workers must be an integer from 0 to the {os.cpu_count()} CPU cores', 'got 10000')
     assert not os.path.exists(tmp_path / 'ev')
+
+
+# --- the third catalogue: foreign files, a lock without a gap, stops at the edges, damaged checkpoints, lost output,
+# --- contradicting values, messages that blame the right thing ------------------------------------------------------
+
+def snapshot(folder):
+    """{path under folder: sha256 (or the target of a link)} of every file in it: the 'nothing changed' check."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = ('link ' + os.readlink(path) if os.path.islink(path) else
+                                                    hashlib.sha256(open(path, 'rb').read()).hexdigest())
+    return found
+
+
+def without_log(files):
+    """A snapshot without log.jsonl, which a resumed run appends to before it fails."""
+    return {k: v for k, v in files.items() if k != 'log.jsonl'}
+
+
+def cli_run(main, argv, capsys, monkeypatch, script='pretrain.py'):
+    """run_cli that also returns the stdout lines: (exit code, stdout lines, stderr lines)."""
+    monkeypatch.setattr(sys, 'argv', [script] + [str(a) for a in argv])
+    with pytest.raises(SystemExit) as exit_info:
+        common.cli(main)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out.strip().splitlines(), err.strip().splitlines()
+
+
+def dead_pid():
+    """The id of a process that has ended."""
+    proc = subprocess.Popen(['true'])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_removes_only_temporary_files_it_can_prove_are_its_own(tiny, tmp_path, capsys, monkeypatch):
+    """The out_dir clean-up removes a temporary file only when its name is one of this script's outputs + .tmp. + the
+    id of a process that has ended; a user's files that merely look alike, and no lock file, are ever touched."""
+    out, gone = tmp_path / 'run', dead_pid()
+    os.makedirs(out)
+    (tmp_path / 'target').write_text('a file a link points at')
+    foreign = {'.lock': 'my own lock file', 'notes.tmp.123': 'my notes', f'data.tmp.{gone}': 'mine too',
+               'ckpt.pt.tmp.1': 'a save of a process still alive (pid 1)', f'eval.json.tmp.{gone}': "evaluate.py's",
+               f'ckpt.pt.tmp.{gone}.bak': 'my backup', f'ckpt.pt.tmp.{gone}x': 'not a pid'}
+    for name, text in foreign.items():
+        (out / name).write_text(text)
+    os.symlink(tmp_path / 'target', out / f'recon_ep0003.png.tmp.{gone}')  # a link is never ours
+    os.makedirs(out / f'recon_ep0002.png.tmp.{gone}')                     # nor a folder
+    ours = [f'ckpt.pt.tmp.{gone}', f'results.json.tmp.{gone}', f'recon_ep0001.png.tmp.{gone}.png']
+    for name in ours:
+        (out / name).write_bytes(b'PK half a save')
+    before = snapshot(out)
+    code, _, err = cli_run(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch)
+    assert code == 0, err
+    after = snapshot(out)
+    kept = {k: v for k, v in before.items() if k not in ours}
+    assert {k: after.get(k) for k in kept} == kept, "a file the run did not write was changed or removed"
+    assert os.path.isdir(out / f'recon_ep0002.png.tmp.{gone}')
+    assert not [name for name in ours if (out / name).exists()], "a temporary file of a killed save was left"
+    assert set(after) - set(before) == {'ckpt.pt', 'log.jsonl', 'recon_ep0001.png', 'results.json'}
+
+
+def test_the_lock_is_taken_before_the_folder_is_checked(tiny, tmp_path, capsys, monkeypatch):
+    """A second run that starts while the first is between its checks and its first write (here: loading its critic,
+    slowly) is refused and changes nothing; it can no longer pass the check first and write later."""
+    out, seen = tmp_path / 'run', {}
+    real = pretrain.load_critic
+
+    def slow_critic(cfg):
+        seen['before'] = snapshot(out)
+        second = subprocess.run([sys.executable, os.path.join(ROOT, 'pretrain.py')] + tiny('--epochs', 1, '--subset', 64),
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                                timeout=600)
+        seen.update(code=second.returncode, err=second.stderr.strip().splitlines(), after=snapshot(out))
+        return real(cfg)
+    monkeypatch.setattr(pretrain, 'load_critic', slow_critic)
+    code, _, err = cli_run(pretrain.main, tiny('--epochs', 1, '--subset', 64), capsys, monkeypatch)
+    assert code == 0, err
+    one_line_error(seen['code'], seen['err'], f'out_dir {out} is in use by', f'(pid {os.getpid()})')
+    assert seen['code'] == 2 and seen['after'] == seen['before'], "the second run wrote into the folder"
+
+
+@pytest.mark.parametrize('script, extra, needle', [
+    ('pretrain', ('--resume', 'true'), 'no checkpoint at'),
+    ('finetune', ('--ckpt', 'TMP'), 'is a directory, not a file'),
+    ('probe', ('--ckpt', 'TMP/nothing.pt'), 'does not exist'),
+    ('dino', ('--local_crops_number', 2, '--local_crops_size', 12), '--local_crops_size 12 must be a multiple of'),
+])
+def test_a_run_refused_after_taking_the_lock_leaves_no_folder_behind(script, extra, needle, tiny, tmp_path, capsys,
+                                                                     monkeypatch):
+    module = importlib.import_module(script)
+    extra = [str(a).replace('TMP', str(tmp_path)) for a in extra]
+    argv = script_argv(module, tiny('--epochs', 1, *extra, out='new/deeper/run'))
+    one_line_error(*run_cli(module.main, argv, capsys, monkeypatch, script=f'{script}.py'), needle)
+    assert not (tmp_path / 'new').exists(), "the refused run left the folders it created"
+
+
+def test_sigterm_at_the_last_step_then_the_printed_command_finishes_the_run(tiny, tmp_path, straight, capsys,
+                                                                           monkeypatch):
+    """SIGTERM in the last step saves a checkpoint at the end of the schedule, before the end-of-run work; the
+    printed command (its path quoted: it has a space) finishes the run, with the uninterrupted run's weights."""
+    out, real = tmp_path / 'stopped run', common.get_lr
+
+    def lr_then_sigterm(step, total_steps, *a):
+        if step == total_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, total_steps, *a)
+    with monkeypatch.context() as m:
+        m.setattr(common, 'get_lr', lr_then_sigterm)
+        code, stdout, err = cli_run(pretrain.main, tiny(*RUN, out='stopped run'), capsys, monkeypatch)
+    assert code == 128 + signal.SIGTERM, err
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 24 and not (out / 'results.json').exists()
+    command = shlex.split(next(line for line in stdout if 'continue with: ' in line).split('continue with: ')[1])
+    assert command[:2] == ['python', 'pretrain.py'] and command[command.index('--out_dir') + 1] == str(out)
+    code, stdout, err = cli_run(pretrain.main, command[2:], capsys, monkeypatch)
+    assert code == 0, err
+    assert any('finishing it' in line for line in stdout)
+    assert json.load(open(out / 'results.json'))['steps'] == 24 and (out / 'recon_ep0003.png').exists()
+    assert same_weights(straight, weights(out))
+    one_line_error(*run_cli(pretrain.main, command[2:], capsys, monkeypatch), 'is a finished run of 3 epochs')
+
+
+KILLED_WHILE_THE_FINAL_PICTURE_IS_WRITTEN = """
+import os, signal, sys
+import common, evaluate, pretrain
+real = evaluate.reconstruction_grid
+
+def killed_mid_write(mae, imgs, mask, masking, seed, path, title):
+    if path.endswith('recon_ep0003.png'):
+        open(f"{path}.tmp.{os.getpid()}.png", 'wb').write(b'half a picture')
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(mae, imgs, mask, masking, seed, path, title)
+evaluate.reconstruction_grid = killed_mid_write
+sys.argv[0] = 'pretrain.py'
+common.cli(pretrain.main)
+"""
+
+
+def test_a_kill_between_the_final_checkpoint_and_results_json_then_resume_finishes(tiny, tmp_path, straight, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / 'killed'
+    killed = subprocess.run([sys.executable, '-c', KILLED_WHILE_THE_FINAL_PICTURE_IS_WRITTEN] + tiny(*RUN, out='killed'),
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 24 and not (out / 'results.json').exists()
+    assert [f for f in os.listdir(out) if '.tmp.' in f], "the kill left no half-written picture (the test is wrong)"
+    # reproduce.sh's rule: no results.json, a ckpt.pt: resume
+    code, _, err = cli_run(pretrain.main, tiny('--resume', 'true', out='killed'), capsys, monkeypatch)
+    assert code == 0, err
+    assert (out / 'results.json').exists() and (out / 'recon_ep0003.png').exists()
+    assert not [f for f in os.listdir(out) if '.tmp.' in f], "the killed save's temporary file was left"
+    assert same_weights(straight, weights(out))
+
+
+@pytest.mark.parametrize('script', ['finetune', 'dino'])
+def test_sigterm_at_the_last_step_of_finetune_and_dino_then_resume_finishes(script, tiny, tmp_path, capsys,
+                                                                            monkeypatch):
+    module, real = importlib.import_module(script), common.get_lr
+
+    def lr_then_sigterm(step, total_steps, *a):
+        if step == total_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, total_steps, *a)
+    argv = script_argv(module, tiny('--epochs', 1, '--subset', 64, '--knn_bank', 0))
+    with monkeypatch.context() as m:
+        m.setattr(common, 'get_lr', lr_then_sigterm)
+        code, stdout, err = cli_run(module.main, argv, capsys, monkeypatch, script=f'{script}.py')
+    assert code == 128 + signal.SIGTERM, err
+    assert not (tmp_path / 'run' / 'results.json').exists()
+    command = shlex.split(next(line for line in stdout if 'continue with: ' in line).split('continue with: ')[1])
+    code, stdout, err = cli_run(module.main, command[2:], capsys, monkeypatch, script=f'{script}.py')
+    assert code == 0, err
+    results = json.load(open(tmp_path / 'run' / 'results.json'))
+    assert results['step' if script == 'finetune' else 'steps'] == 2
+    if script == 'finetune':  # the final evaluation ran at the last step
+        assert results['history'][-1]['step'] == 2
+
+
+# damaged checkpoints: (what is changed in a copy of a pretrain.py checkpoint, what the line says)
+DAMAGED = {
+    'no_optimizer': (lambda ck: ck.pop('optimizer'), "it has no 'optimizer', which a resume needs"),
+    'no_rng': (lambda ck: ck.pop('rng'), "it has no 'rng'"),
+    'no_step': (lambda ck: ck.pop('step'), "it has no 'step'"),
+    'no_scaler': (lambda ck: ck.pop('scaler'), "it has no 'scaler'"),
+    'rng_not_bytes': (lambda ck: ck.update(rng={'torch': torch.zeros(3)}), "its 'rng' should be the RNG states"),
+    'weights_not_tensors': (lambda ck: ck['model'].update({'blocks.0.norm1.weight': [1.0]}),
+                            "its 'model' should be a dict of weight tensors, but holds 'blocks.0.norm1.weight': list"),
+    'model_config_nan': (lambda ck: ck['model_config'].update(mlp_ratio=float('nan')),
+                         'mlp_ratio=nan, not a finite number'),
+    'model_config_no_depth': (lambda ck: ck['model_config'].pop('depth'),
+                              'stored model config is missing or malformed (no depth)'),
+    'model_config_wrong_type': (lambda ck: ck['model_config'].update(depth='7'), "depth='7', not an integer"),
+    'config_nan': (lambda ck: ck['config'].update(lr=float('nan')),
+                   'its stored config has lr=nan, but --lr must be a finite number > 0, got nan; pass --lr VALUE'),
+    'config_no_batch_size': (lambda ck: ck['config'].pop('batch_size'), 'its stored config has no batch_size'),
+    'config_wrong_type': (lambda ck: ck['config'].update(seed=1.5), '--seed must be an integer, got 1.5'),
+}
+
+
+@pytest.mark.parametrize('damage', DAMAGED)
+def test_a_damaged_checkpoint_on_resume_is_one_line_naming_it(damage, pre, tmp_path, capsys, monkeypatch):
+    change, needle = DAMAGED[damage]
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    ck = torch.load(pre, weights_only=True)
+    change(ck)
+    torch.save(ck, out / 'ckpt.pt')
+    before = snapshot(out)
+    code, err = run_cli(pretrain.main, ['--resume', 'true', '--epochs', 2, '--out_dir', out], capsys, monkeypatch)
+    one_line_error(code, err, str(out / 'ckpt.pt'), needle)
+    assert code == 2 and snapshot(out) == before
+
+
+@pytest.mark.parametrize('script', ['finetune', 'probe', 'evaluate'])
+@pytest.mark.parametrize('damage', ['weights_not_tensors', 'model_config_nan', 'model_config_no_depth',
+                                    'model_config_wrong_type'])
+def test_a_damaged_ckpt_to_load_is_one_line_naming_it(script, damage, pre, tmp_path, capsys, monkeypatch):
+    module, (change, needle) = importlib.import_module(script), DAMAGED[damage]
+    ck = torch.load(pre, weights_only=True)
+    change(ck)
+    torch.save(ck, tmp_path / 'damaged.pt')
+    before = snapshot(tmp_path)
+    argv = ['--ckpt', tmp_path / 'damaged.pt', '--dataset', 'demo', '--out_dir', tmp_path / 'out']
+    code, err = run_cli(module.main, argv, capsys, monkeypatch, script=f'{script}.py')
+    one_line_error(code, err, str(tmp_path / 'damaged.pt'), needle)
+    assert code == 2 and snapshot(tmp_path) == before and not (tmp_path / 'out').exists()
+
+
+def test_a_damaged_dino_checkpoint_a_damaged_critic_and_directories_are_one_line(pre, tiny, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import dino
+    import finetune
+    ck = torch.load(pre, weights_only=True)
+    ck['kind'] = 'dino'  # a DINO run's checkpoint without its student, teacher head and centre
+    os.makedirs(tmp_path / 'dino')
+    torch.save(ck, tmp_path / 'dino' / 'ckpt.pt')
+    # a critic whose stored config has no class count, and one whose weights are not tensors
+    torch.save({'kind': 'finetune', 'model': {'features.0.weight': torch.zeros(1)}, 'model_config': {},
+                'config': {'arch': 'squeezenet'}}, tmp_path / 'critic.pt')
+    torch.save({'kind': 'finetune', 'model': {'features.0.weight': 'zeros'}, 'model_config': {'num_classes': 8},
+                'config': {'arch': 'squeezenet'}}, tmp_path / 'critic2.pt')
+    os.makedirs(tmp_path / 'odd' / 'ckpt.pt')  # an out_dir whose ckpt.pt is a folder
+    before = snapshot(tmp_path)
+    one_line_error(*run_cli(dino.main, ['--resume', 'true', '--out_dir', tmp_path / 'dino'], capsys, monkeypatch,
+                            script='dino.py'),
+                   str(tmp_path / 'dino' / 'ckpt.pt'),
+                   "it has no 'student', 'teacher_head', 'center', which a resume needs")
+    for critic, needle in (('critic.pt', 'num_classes=None, not an integer >= 1'),
+                           ('critic2.pt', "'features.0.weight': str")):
+        one_line_error(*run_cli(pretrain.main, tiny('--alpha', 0.5, '--critic', tmp_path / critic), capsys, monkeypatch),
+                       str(tmp_path / critic), needle)
+    one_line_error(*run_cli(finetune.main, ['--ckpt', tmp_path / 'dino', '--out_dir', tmp_path / 'ft'], capsys,
+                            monkeypatch, script='finetune.py'),
+                   f'checkpoint {tmp_path / "dino"} is a directory, not a file')
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, out='odd'), capsys, monkeypatch),
+                   f'{tmp_path / "odd" / "ckpt.pt"} is a directory, not a checkpoint')
+    assert snapshot(tmp_path) == before and not (tmp_path / 'ft').exists() and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('where', ['closed_pipe', 'full_device'])
+def test_losing_stdout_never_loses_the_run(where, tiny, tmp_path):
+    """stdout piped into `head` (EPIPE) or on a full device (ENOSPC, /dev/full): one line on stderr, no traceback,
+    and the run goes on to its checkpoint, results and complete log."""
+    argv = [sys.executable, os.path.join(ROOT, 'pretrain.py')] + tiny('--epochs', 1, '--subset', 64)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if where == 'closed_pipe':
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        proc.stdout.close()  # what `| head -1` does
+        err = proc.stderr.read()
+        proc.wait(600)
+    else:
+        if not os.path.exists('/dev/full'):
+            pytest.skip('no /dev/full on this system')
+        with open('/dev/full', 'w') as full:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=full, stderr=subprocess.PIPE, text=True)
+            err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 0, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'pretrain.py: stdout is' in lines[0] and 'the run goes on' in lines[0], err[-2000:]
+    assert ('closed by its reader' if where == 'closed_pipe' else 'No space left on device') in lines[0]
+    out = tmp_path / 'run'
+    assert (out / 'results.json').exists() and (out / 'ckpt.pt').exists()
+    log = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert [r['step'] for r in log if r['event'] == 'train'] == [1, 2]
+
+
+WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import common, pretrain
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as one on a full disk does
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv[0] = 'pretrain.py'
+common.cli(pretrain.main)
+"""
+
+
+@pytest.mark.parametrize('full_at', ['log', 'checkpoint'])
+def test_a_write_that_fails_is_one_line_and_keeps_every_earlier_file(full_at, tiny, finished):
+    """Real failing writes (a file size limit: the kernel refuses the bytes past it, as on a full disk): appending to
+    log.jsonl, or writing the checkpoint. One line, exit 2, and every file as it was (the log without a half line)."""
+    out, before = finished, snapshot(finished)
+    limit = os.path.getsize(out / 'log.jsonl') + 100 if full_at == 'log' else 1_000_000  # ckpt.pt is ~15 MB
+    argv = [sys.executable, '-c', WITH_A_FILE_SIZE_LIMIT, str(limit)] + tiny('--resume', 'true', '--epochs', 4)
+    proc = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    if full_at == 'log':
+        assert f"could not append to {out / 'log.jsonl'} (File too large); its earlier lines are intact" in lines[0]
+        assert snapshot(out) == before
+    else:
+        assert f"could not write {out / 'ckpt.pt'} (File too large); the previous ckpt.pt is intact" in lines[0]
+        assert without_log(snapshot(out)) == without_log(before)
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_other_runtime_errors_stay_bugs(tiny, finished, capsys,
+                                                                                      monkeypatch):
+    """torch.save's zip writer reports a full disk as a RuntimeError (what it raises writing to /dev/full by path)."""
+    out, before = finished, snapshot(finished)
+
+    def zip_writer_fails(obj, f, *a, **k):
+        f.write(b'PK\x03\x04 half')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    monkeypatch.setattr(torch, 'save', zip_writer_fails)
+    one_line_error(*run_cli(pretrain.main, tiny('--resume', 'true', '--epochs', 4), capsys, monkeypatch),
+                   f"could not write {out / 'ckpt.pt'} (the write failed, a full disk?",
+                   'the previous ckpt.pt is intact')
+    assert without_log(snapshot(out)) == without_log(before)
+
+    def a_bug(obj, f, *a, **k):
+        raise RuntimeError('a bug in the code')
+    monkeypatch.setattr(torch, 'save', a_bug)
+    with pytest.raises(RuntimeError, match='a bug in the code'):
+        common.save_atomic({'model': {}}, str(out / 'other.pt'))
+    assert not [f for f in os.listdir(out) if '.tmp.' in f or f == 'other.pt']
+
+
+@pytest.mark.parametrize('script, extra, needles', [
+    ('pretrain', ('--min_lr', 1e-3), ['--min_lr 0.001 is above the peak lr (--lr 0.0005 x --batch_size 32 / 128)',
+                                      'at most the peak lr']),
+    ('finetune', ('--min_lr', 1e-3), ['--min_lr 0.001 is above the peak lr', 'the recipe']),
+    ('dino', ('--min_lr', 1e-3), ['--min_lr 0.001 is above the peak lr (--lr 0.0005 x --batch_size 32 / 256)']),
+    ('finetune', ('--arch', 'squeezenet', '--img_size', 16),
+     ['--img_size 16 is too small for SqueezeNet 1.1', '--img_size 17 or more']),
+    ('pretrain', ('--critic', 'out/critic/ckpt.pt'), ['--critic out/critic/ckpt.pt is unused with --alpha 0']),
+    ('pretrain', ('--accum_steps', 3), ['--batch_size 32 does not split into 1 process x --accum_steps 3',
+                                        'a multiple of 3 (e.g. 30)']),
+    ('pretrain', ('--alpha', 0.5, '--critic', 'c.pt', '--img_size', 4, '--patch_size', 2),
+     ['img_size 4 is too small for the SMAE critic', '--img_size 5 or more']),
+])
+def test_values_that_contradict_each_other_are_refused_before_anything_is_written(script, extra, needles, tiny,
+                                                                                 tmp_path, capsys, monkeypatch):
+    module = importlib.import_module(script)
+    argv = script_argv(module, tiny('--epochs', 1, *extra))
+    one_line_error(*run_cli(module.main, argv, capsys, monkeypatch, script=f'{script}.py'), *needles)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_the_smallest_images_the_squeezenets_take_are_the_refusals_thresholds():
+    import finetune
+    net = M.build_squeezenet(4).eval()
+    with torch.no_grad():
+        net(torch.zeros(1, 3, finetune.SQUEEZENET_MIN_SIZE, finetune.SQUEEZENET_MIN_SIZE))
+        net.features[:5](torch.zeros(1, 3, pretrain.CRITIC_MIN_SIZE, pretrain.CRITIC_MIN_SIZE))  # the SMAE critic
+        with pytest.raises(RuntimeError):
+            net(torch.zeros(1, 3, finetune.SQUEEZENET_MIN_SIZE - 1, finetune.SQUEEZENET_MIN_SIZE - 1))
+        with pytest.raises(RuntimeError):
+            net.features[:5](torch.zeros(1, 3, pretrain.CRITIC_MIN_SIZE - 1, pretrain.CRITIC_MIN_SIZE - 1))
+
+
+def test_on_resume_the_rules_between_values_hold_for_the_stored_config(pre, tmp_path, capsys, monkeypatch):
+    """A resume's config is the checkpoint's with the given names changed: the rules between values apply to that
+    (here the stored lr 5e-4 at batch 32, a peak of 1.25e-4), not to the script's defaults."""
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    shutil.copy(pre, out / 'ckpt.pt')
+    before = snapshot(out)
+    one_line_error(*run_cli(pretrain.main, ['--resume', 'true', '--epochs', 2, '--min_lr', 2e-4, '--out_dir', out],
+                            capsys, monkeypatch),
+                   '--min_lr 0.0002 is above the peak lr (--lr 0.0005 x --batch_size 32 / 128)',
+                   f"(with the config stored in {out / 'ckpt.pt'})")
+    assert snapshot(out) == before
+
+
+def test_a_probe_with_fewer_images_than_a_batch_scales_its_lr_by_the_batch_it_uses(pre, tmp_path, capsys, monkeypatch):
+    import probe
+    code, stdout, err = cli_run(probe.main, ['--ckpt', pre, '--dataset', 'demo', '--data_dir', tmp_path / 'data',
+                                             '--subset', 16, '--batch_size', 32, '--epochs', 1, '--warmup_epochs', 0,
+                                             '--out_dir', tmp_path / 'probe'], capsys, monkeypatch, script='probe.py')
+    assert code == 0, err
+    assert any('the 16 training images are fewer than --batch_size 32' in line for line in stdout)
+    assert json.load(open(tmp_path / 'probe' / 'results.json'))['peak_lr'] == pytest.approx(1e-3 * 16 / 128)
+
+
+@pytest.mark.parametrize('script', ['finetune', 'probe'])
+def test_an_img_size_the_checkpoint_cannot_take_is_the_users_value_not_a_damaged_file(script, pre, tmp_path, capsys,
+                                                                                     monkeypatch):
+    module = importlib.import_module(script)
+    argv = ['--ckpt', pre, '--img_size', 30, '--dataset', 'demo', '--out_dir', tmp_path / 'out']
+    code, err = run_cli(module.main, argv, capsys, monkeypatch, script=f'{script}.py')
+    one_line_error(code, err, f'--img_size 30 does not fit the model stored in {pre}',
+                   'img_size 30 is not divisible by patch_size 8')
+    assert 'malformed' not in err[0] and 'damaged' not in err[0] and not (tmp_path / 'out').exists()
+
+
+def test_out_of_memory_with_a_large_image_size_names_the_image_size(tiny, tmp_path, capsys, monkeypatch):
+    def too_big(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(M, 'build_mae', too_big)
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, '--img_size', 128), capsys, monkeypatch),
+                   "--img_size 128 is above the preset's 64", 'use a smaller --img_size, or a smaller --batch_size')
+    assert not (tmp_path / 'run').exists()

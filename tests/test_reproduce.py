@@ -51,8 +51,6 @@ try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except BlockingIOError:
     refuse(f"out_dir {out} is in use by another run: wait for it or choose another --out_dir")
-with open(os.path.join(out, '.lock'), 'w') as f:
-    f.write(f"{script[:-3]} (pid {os.getpid()})")
 with open(os.environ['FAKE_RECORD'], 'a') as f:
     f.write(json.dumps(dict(step=name, resume=opts.get('--resume') == 'true', pid=os.getpid(), t=time.time(),
                             gpus=os.environ.get('CUDA_VISIBLE_DEVICES'),
@@ -263,9 +261,8 @@ def test_a_step_running_in_another_process_is_waited_for_not_failed(fake):
     folder.mkdir(parents=True)
     holder = os.open(folder, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a script running there holds it
-    (folder / '.lock').write_text('finetune (pid 4242)')
     scheduler = fake.start('quick', 'supervised_cub', JOBS='1')
-    message = '== supervised_cub: running in another process, finetune (pid 4242): waiting for it'
+    message = f'== supervised_cub: running in another process, pid {os.getpid()}: waiting for it'
     fake.wait(lambda: message in fake.output(), 'the message')
     time.sleep(1.0)
     assert fake.records() == [] and scheduler.poll() is None  # it waits, starting nothing

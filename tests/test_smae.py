@@ -1,4 +1,5 @@
 """SMAE: the perceptual objective, the frozen critic, calibration of c, and the critic's error messages."""
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ def critic_checkpoint(path, num_classes=5, arch='squeezenet', net=None):
     """A checkpoint in the format finetune.py --arch squeezenet writes."""
     torch.manual_seed(0)
     net = net or M.build_squeezenet(num_classes)
-    common.save_atomic({'kind': 'finetune', 'model': net.state_dict(), 'model_config': {'num_classes': num_classes},
+    model_config = ({'num_classes': num_classes} if arch == 'squeezenet' else  # a ViT classifier stores all its sizes
+                    dataclasses.asdict(M.make_config('vit_lite', num_classes=num_classes)))
+    common.save_atomic({'kind': 'finetune', 'model': net.state_dict(), 'model_config': model_config,
                         'config': {'arch': arch, 'model': 'vit_lite'}, 'step': 1}, str(path))
     return str(path)
 
