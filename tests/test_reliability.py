@@ -511,7 +511,7 @@ def test_a_run_removes_only_temporary_files_it_can_prove_are_its_own(tiny, tmp_p
     assert {k: after.get(k) for k in kept} == kept, "a file the run did not write was changed or removed"
     assert os.path.isdir(out / f'recon_ep0002.png.tmp.{gone}')
     assert not [name for name in ours if (out / name).exists()], "a temporary file of a killed save was left"
-    assert set(after) - set(before) == {'ckpt.pt', 'log.jsonl', 'recon_ep0001.png', 'results.json'}
+    assert set(after) - set(before) == {'ckpt.pt', 'curves.png', 'log.jsonl', 'recon_ep0001.png', 'results.json'}
 
 
 def test_the_lock_is_taken_before_the_folder_is_checked(tiny, tmp_path, capsys, monkeypatch):
