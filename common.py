@@ -28,6 +28,19 @@ class UserError(Exception):
     """Something the user can fix (a config value, a path, a file). Printed as one line; exit code 2."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, or SIGINT/SIGUSR1 where there is nothing to save): unwinds at once, so that finally
+    blocks end worker processes and remove temporary files; cli exits 128 + the signal with one line."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
 class NonFiniteLoss(Exception):
     """Training diverged. Printed as one line; exit code 1. The last good checkpoint is left as it was."""
 
@@ -41,6 +54,7 @@ class NonFiniteLoss(Exception):
 def cli(main):
     """Run a script's main(argv), turning expected failures into one line on stderr and a non-zero exit."""
     script = os.path.basename(sys.argv[0])
+    old_handler = signal.signal(signal.SIGTERM, _stop)  # outside a Run too (loading a checkpoint or the data)
     try:
         code = main(sys.argv[1:])
     except (UserError, data.DataError, NonFiniteLoss) as e:
@@ -52,9 +66,12 @@ def cli(main):
         print(f"{script}: error: out of memory ({' '.join(str(e).split())[:160]}): use a smaller --batch_size, or "
               f"more --accum_steps for the same batch in smaller pieces", file=sys.stderr)
         code = 1
-    except KeyboardInterrupt:
-        print(f"{script}: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a Stopped signal
+        signum = getattr(e, 'signum', signal.SIGINT)
+        what = 'interrupted' if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{script}: {what}", file=sys.stderr)
+        code = 128 + signum
+    signal.signal(signal.SIGTERM, old_handler)
     sys.exit(code if isinstance(code, int) else 0)  # benchmark modes return their figures
 
 
@@ -230,7 +247,7 @@ class Run:
 
     def _on_signal(self, signum, frame):
         if not self.training or (self.stop_signal and signum == signal.SIGINT):
-            raise KeyboardInterrupt  # unwind now (finally blocks end worker processes); a second Ctrl-C too
+            raise Stopped(signum)  # unwind now (finally blocks end worker processes); a second Ctrl-C too
         self.stop_signal = signum    # a training loop saves a checkpoint after this step and exits 128 + signum
 
     def __exit__(self, *exc):
@@ -330,12 +347,12 @@ def compile_mode(cfg, run):
 
 
 def save_atomic(obj, path):
-    """torch.save (or text) to a temporary file in the same directory, fsync, then rename: never a half-written
-    file. A full disk is one line that says the previous file is intact."""
+    """torch.save (or text, or bytes as they are) to a temporary file in the same directory, fsync, then rename: never
+    a half-written file. A full disk is one line that says the previous file is intact."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, 'w' if isinstance(obj, str) else 'wb') as f:
-            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+            f.write(obj) if isinstance(obj, (str, bytes)) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -402,6 +419,27 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
     except ValueError as e:
         raise UserError(str(e)) from None
     return net, ck
+
+
+def follow_checkpoint(cfg, given, ck, path, names=('dataset', 'img_size')):
+    """Defaults follow the checkpoint: each of `names` not given on the command line takes the value the checkpoint
+    was trained with (its dataset; its image size), and one line says which were taken. A stored value that is not
+    valid is a UserError naming the file; one the checkpoint does not record keeps the script's default."""
+    mc = ck.get('model_config')
+    stored = dict(ck.get('config', {}), img_size=mc.get('img_size') if isinstance(mc, dict) else None)
+    took = []
+    for name in names:
+        value = stored.get(name)
+        if name in given or value is None:
+            continue
+        if type(value) is not type(getattr(cfg, name)) or not RULES[name][0](value):
+            raise UserError(f"{path}: its stored {name} {value!r} is not {RULES[name][1]}: the checkpoint is damaged; "
+                            f"pass --{name} to choose one")
+        setattr(cfg, name, value)
+        took.append(f"{name} {value}")
+    if took and int(os.environ.get('RANK', 0)) == 0:
+        print(f"from the checkpoint: {', '.join(took)} (what it was trained on; "
+              f"{' / '.join('--' + n for n in names)} choose another)")
 
 
 def check_out_dir(cfg, given, kind, fixed):
