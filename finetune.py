@@ -31,7 +31,7 @@ import model as M
 # -----------------------------------------------------------------------------
 # config: the study's fine-tuning recipe
 # data
-dataset = 'tin'             # tin | cub (val = the official test split) | demo (embedded, no download) | synthetic
+dataset = 'tin'             # tin | cub (val = the official test split) | demo | synthetic; with --ckpt: the checkpoint's
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
 augment = True              # RandomResizedCrop + flip + RandAugment(2, 9) on the device (the paper's recipe)
@@ -165,8 +165,13 @@ def main(argv=None):
     ck, cfg = (None, cfg) if cfg.bench_steps else common.check_out_dir(cfg, given, 'finetune', FIXED_ON_RESUME)
     if cfg.arch == 'vit' and not cfg.ckpt:
         common.preset_config(cfg, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
-    # the pre-training checkpoint (--ckpt), read once here and reused by build()
+    # the pre-training checkpoint (--ckpt), read once here and reused by build(); its dataset and image size are the
+    # defaults (transfer is --dataset cub)
     pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt and ck is None else None
+    if pre is not None:
+        common.follow_checkpoint(cfg, given, pre, cfg.ckpt)
+    if not cfg.bench_steps:  # the data is found before the out_dir is created (train() loads the splits it uses)
+        data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
     with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:
         return train(cfg, given, ck, pre, run)
 
