@@ -349,14 +349,15 @@ def test_a_refused_run_leaves_no_folder_it_created(ckpt, tmp_path, capsys, monke
 def test_a_moved_run_folder_is_evaluated_in_place(ckpt, tmp_path, capsys):
     """The evaluation beside a checkpoint is recognised as its own after the run folder is moved (the checkpoint's
     identity is its weights, not its path), and it is evaluated again there. A probe on fewer training images than
-    its batch uses them all in one batch, with the lr scaled to that batch."""
+    its batch uses them all in one batch, with the lr scaled to that batch. The dataset is the checkpoint's."""
     run_dir = tmp_path / 'run'
     shutil.copytree(os.path.dirname(ckpt), run_dir)
     argv = ['--probe_epochs', 1, '--subset', 64, '--max_images', 32, '--workers', 1, '--use_lpips', 'false']
     assert evaluate.main(['--ckpt', str(run_dir / 'ckpt.pt')] + argv) == 0
     first = json.loads((run_dir / 'eval' / 'eval.json').read_text())
-    probe_line = 'batch: 128 is more than the 64 training images, so the head trains on batches of 64'
-    assert probe_line in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'from the checkpoint: dataset demo, img_size 32' in printed  # no --dataset: the checkpoint's
+    assert 'batch: 128 is more than the 64 training images, so the head trains on batches of 64' in printed
     assert first['representation']['demo']['model']['probe']['batch_size'] == 64
     os.rename(run_dir, tmp_path / 'renamed')
     assert evaluate.main(['--ckpt', str(tmp_path / 'renamed' / 'ckpt.pt')] + argv) == 0
