@@ -15,6 +15,7 @@ import urllib.error
 from types import SimpleNamespace
 
 import lpips
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -420,6 +421,22 @@ def test_a_stop_signal_to_the_process_group_ends_evaluate_and_its_workers_prompt
     time.sleep(0.5)
     assert not [w for w in workers if alive(w)], "a worker outlived evaluate.py"
     assert not set(os.listdir(out)) - {'log.jsonl'}, os.listdir(out)  # no result, no half-written file
+
+
+def test_a_worker_killed_on_its_own_is_one_line_and_every_worker_is_reaped():
+    """A worker that dies alone (the out-of-memory killer) is one line naming its exit code, not a hang or a
+    traceback; leaving the block kills and reaps the others."""
+    target = np.zeros((2, 16, 16, 3), np.float32)
+    with evaluate.MetricWorkers(2) as workers:
+        procs = list(workers.procs)
+        workers.send(({'model': target + 0.5}, target))
+        assert workers.receive(0)['model'][0] == pytest.approx(2 * 10 * math.log10(1 / 0.25))  # PSNR 6.02 dB, twice
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].join(30)
+        with pytest.raises(common.UserError, match=r'a scikit-image worker process ended unexpectedly \(exit code -9\)'):
+            workers.send(({'model': target}, target))
+            workers.receive(1)
+    assert not [p for p in procs if p.is_alive()]
 
 
 # --- pictures ----------------------------------------------------------------------------------------------------
