@@ -422,15 +422,16 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
 
 
 def follow_checkpoint(cfg, given, ck, path, names=('dataset', 'img_size')):
-    """Defaults follow the checkpoint: each of `names` not given on the command line takes the value the checkpoint
-    was trained with (its dataset; its image size), and one line says which were taken. A stored value that is not
-    valid is a UserError naming the file; one the checkpoint does not record keeps the script's default."""
+    """Defaults follow the checkpoint: each of `names` not given on the command line (or given as '' / 0, "the
+    checkpoint's") takes the value the checkpoint was trained with (its dataset; its image size), and one line says
+    which were taken. A stored value that is not valid is a UserError naming the file; one the checkpoint does not
+    record keeps the script's default."""
     mc = ck.get('model_config')
     stored = dict(ck.get('config', {}), img_size=mc.get('img_size') if isinstance(mc, dict) else None)
     took = []
     for name in names:
         value = stored.get(name)
-        if name in given or value is None:
+        if (name in given and getattr(cfg, name)) or value is None:
             continue
         if type(value) is not type(getattr(cfg, name)) or not RULES[name][0](value):
             raise UserError(f"{path}: its stored {name} {value!r} is not {RULES[name][1]}: the checkpoint is damaged; "

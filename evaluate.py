@@ -12,8 +12,10 @@ colour of the visible pixels, and by interpolation from the visible pixels (norm
 Representation: weighted kNN (DINO's: cosine, k=20, T=0.07) and the study's linear probe (probe.py's code), each
 beside two floors computed on the same split: the run's own randomly initialised encoder (from its seed), and raw
 pixels (the images at 32x32). kNN also on a transfer dataset (CUB for a TIN checkpoint) when it is on disk.
-Writes <out_dir>/eval.json, eval.md (the table, also printed) and recon.png; out_dir defaults to
-<checkpoint folder>/eval, and an evaluation of another checkpoint there is never overwritten.
+The dataset and image size are the checkpoint's unless given. recon.png shows the images and masks of the run's
+training pictures, with their figures. Writes <out_dir>/eval.json, eval.md (the table, also printed), recon.png and
+log.jsonl; out_dir defaults to <checkpoint folder>/eval, and evaluate.py writes only into an empty folder or one
+holding its own earlier evaluation of the same checkpoint (recognised by its weights, wherever the file now lies).
 """
 import collections
 import contextlib
@@ -167,11 +169,11 @@ class MetricWorkers:
             self._died(i)
 
     def _died(self, i):
-        """A worker ended on its own: killed alone (the OOM killer, a kill of its pid), or a bug (its traceback is above)."""
+        """A worker ended on its own: killed alone (the OOM killer, a kill of its pid), or a bug (traceback above)."""
         proc = self.procs[i % self.n]
         proc.join(5)
-        raise common.UserError(f"a scikit-image worker process ended unexpectedly (exit code {proc.exitcode}); no result "
-                               f"was written: run again, with fewer --workers if memory is short") from None
+        raise common.UserError(f"a scikit-image worker process ended unexpectedly (exit code {proc.exitcode}); no "
+                               f"result was written: run again, with fewer --workers if memory is short") from None
 
     def __exit__(self, *exc):
         started = [proc for proc in self.procs if proc.pid is not None]
@@ -285,7 +287,8 @@ def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips
             mse_sum += mae.forward_loss(x, pred, mask, on_all=False).double() * x.shape[0]
             _, pasted = mae.reconstruct(x, pred, mask)                    # normalised space, float32
             target = data.denormalize(x).clamp(0, 1)
-            images = scored_images(data.denormalize(pasted).clamp(0, 1), target, 1 - mae.pixel_mask(mask), mc.patch_size)
+            visible = 1 - mae.pixel_mask(mask)                            # (N, 1, H, W), 1 = visible
+            images = scored_images(data.denormalize(pasted).clamp(0, 1), target, visible, mc.patch_size)
             if lpips_net is not None:
                 for kind, img in images.items():
                     sums[kind]['lpips'] += lpips_distance(lpips_net, img, target).sum().item()
@@ -355,9 +358,9 @@ def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale
     trained = mae.cfg.loss_on_all  # SMAE's pixel loss covers every patch; MAE's only the masked ones
     labels = ['masked input', 'raw output' + ('' if trained else ' (visible patches: never trained)'),
               'visible patches pasted', 'original', 'this image: PSNR (dB) / SSIM']
-    note = '' if trained else ("The raw output's visible patches are noise by design: MAE's loss covers only the masked "
-                               "patches, so the model is never trained to reproduce the visible ones. The next column "
-                               "pastes the input's visible patches in; that image is the one scored.")
+    note = '' if trained else ("The raw output's visible patches are noise by design: MAE's loss covers only the "
+                               "masked patches, so the model is never trained to reproduce the visible ones. The next "
+                               "column pastes the input's visible patches in; that image is the one scored.")
     # layout: title and caption, column labels, the rows (tiles, then the figures), the note
     N, _, H, W = orig.shape
     font, cell, pad, line = ImageFont.load_default(size=LABEL_FONT), W * scale, 4, LABEL_FONT + 4
@@ -437,7 +440,8 @@ def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
     train (bank / probe training) and val (queries / probe val) splits -> {feature kind: dict(knn=..., probe=...)}."""
     out, kw = {}, dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast, progress=run)
     if probe_epochs > 0:
-        batch, lr, note = probe.batch_and_lr(len(splits['train'].labels), PROBE_RECIPE['batch_size'], PROBE_RECIPE['lr'])
+        n_train = len(splits['train'].labels)
+        batch, lr, note = probe.batch_and_lr(n_train, PROBE_RECIPE['batch_size'], PROBE_RECIPE['lr'])
         recipe = dict(PROBE_RECIPE, batch_size=batch, lr=lr,
                       warmup_epochs=min(PROBE_RECIPE['warmup_epochs'], probe_epochs - 1))
         if note:

@@ -31,7 +31,7 @@ import model as M
 # -----------------------------------------------------------------------------
 # config: the study's fine-tuning recipe
 # data
-dataset = 'tin'             # tin | cub (val = the official test split) | demo | synthetic; with --ckpt: the checkpoint's
+dataset = 'tin'             # tin | cub (val: its test split) | demo | synthetic; with --ckpt: the checkpoint's
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
 augment = True              # RandomResizedCrop + flip + RandAugment(2, 9) on the device (the paper's recipe)

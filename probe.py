@@ -35,7 +35,7 @@ import model as M
 # -----------------------------------------------------------------------------
 # config: the study's linear-probe recipe (its Table 6, listed in the README's recipe table)
 # data
-dataset = 'tin'             # tin | cub (val = the official test split) | demo | synthetic; the checkpoint's unless given
+dataset = 'tin'             # tin | cub (val: its test split) | demo | synthetic; the checkpoint's unless given
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
 subset = 0                  # >0: train the head on a fixed random subset of this many images (val is always whole)

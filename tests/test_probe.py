@@ -192,5 +192,6 @@ def test_a_batch_capped_at_the_data_scales_the_lr_and_the_floor_stands_beside_th
     encoder = common.load_encoder(pre)[0]
     encoder.load_state_dict(M.encoder_state_dict(initial.state_dict()))
     feats = [probe.extract_features(encoder, s.images, s.labels, torch.device('cpu')) for s in (split, val)]
-    again = probe.train_linear_head(*feats[0], *feats[1], 8, epochs=3, warmup_epochs=0, batch_size=40, lr=res['peak_lr'])
+    again = probe.train_linear_head(*feats[0], *feats[1], 8, epochs=3, warmup_epochs=0, batch_size=40,
+                                    lr=res['peak_lr'])
     assert again['top1'] == floor['top1']
