@@ -115,7 +115,8 @@ def _metrics_chunk(preds, target):
 
 def _metrics_worker(conn):
     common.die_with_parent()                         # SIGKILL when the evaluation process ends, however it ends
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # SIGTERM as usual (SIGINT stays ignored: Ctrl-C is the parent's)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle (one held back is dropped)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # SIGTERM as usual (held back since the worker started)
     while True:
         conn.send(_metrics_chunk(*conn.recv()))
 
@@ -133,11 +134,11 @@ class MetricWorkers:
     def __enter__(self):
         ctx = multiprocessing.get_context('spawn')
         multiprocessing.resource_tracker.ensure_running()  # (its start would unblock the signals blocked below)
-        # while the workers start, Ctrl-C and SIGTERM wait (and are delivered when this block ends), and SIGINT is
-        # ignored, which the workers inherit: a Ctrl-C from the terminal reaches the whole process group, and must
-        # stop this process alone (which ends the workers), not print a traceback from each worker
+        # while the workers start, this thread holds Ctrl-C and SIGTERM back (they are delivered when the block ends,
+        # or at once through another thread), and each worker starts with them held back too, until it is ready: a
+        # Ctrl-C reaches the whole process group, and must stop this process alone (which ends the workers), not
+        # print a traceback from each worker that is still importing
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             try:
                 for _ in range(self.n):
@@ -147,7 +148,6 @@ class MetricWorkers:
                     self.procs[-1].start()
                     theirs.close()
             finally:
-                signal.signal(signal.SIGINT, on_sigint)
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a stop signal that came meanwhile is raised here
         except BaseException:
             self.__exit__()  # (the with statement does not call it when __enter__ fails)

@@ -425,19 +425,27 @@ def test_a_stop_signal_to_the_process_group_ends_evaluate_and_its_workers(sig, w
     assert not set(os.listdir(out)) - {'log.jsonl'}, os.listdir(out)  # no result, no half-written file
 
 
-def test_a_worker_killed_on_its_own_is_one_line_and_every_worker_is_reaped():
-    """A worker that dies alone (the out-of-memory killer) is one line naming its exit code, not a hang or a
-    traceback; leaving the block kills and reaps the others."""
+def test_workers_ignore_ctrl_c_and_one_killed_on_its_own_is_one_line_and_every_worker_is_reaped():
+    """A Ctrl-C reaches the whole process group: the workers, still starting or running, leave it to evaluate.py
+    (which ends them). A worker that dies alone (the out-of-memory killer) is one line naming its exit code, not a
+    hang or a traceback; leaving the block kills and reaps the others."""
     target = np.zeros((2, 16, 16, 3), np.float32)
+    task = ({'model': target + 0.5}, target)
     with evaluate.MetricWorkers(2) as workers:
         procs = list(workers.procs)
-        workers.send(({'model': target + 0.5}, target))
+        for proc in procs:  # while they start (importing takes seconds)
+            os.kill(proc.pid, signal.SIGINT)
+        workers.send(task)
         assert workers.receive(0)['model'][0] == pytest.approx(2 * 10 * math.log10(1 / 0.25))  # PSNR 6.02 dB, twice
+        os.kill(procs[0].pid, signal.SIGINT)  # while they run
+        for i in (1, 2):
+            workers.send(task)
+            assert workers.receive(i)['model'][0] == pytest.approx(12.04, abs=0.01)
         os.kill(procs[1].pid, signal.SIGKILL)
         procs[1].join(30)
         with pytest.raises(common.UserError, match=r'a scikit-image worker process ended unexpectedly \(exit code -9'):
-            workers.send(({'model': target}, target))
-            workers.receive(1)
+            workers.send(task)
+            workers.receive(3)
     assert not [p for p in procs if p.is_alive()]
 
 
