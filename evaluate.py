@@ -134,11 +134,13 @@ class MetricWorkers:
     def __enter__(self):
         ctx = multiprocessing.get_context('spawn')
         multiprocessing.resource_tracker.ensure_running()  # (its start would unblock the signals blocked below)
-        # while the workers start, this thread holds Ctrl-C and SIGTERM back (they are delivered when the block ends,
-        # or at once through another thread), and each worker starts with them held back too, until it is ready: a
-        # Ctrl-C reaches the whole process group, and must stop this process alone (which ends the workers), not
-        # print a traceback from each worker that is still importing
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # Ctrl-C and SIGTERM wait until the workers have started: this thread blocks them, and each worker inherits
+        # that mask until it is ready (a Ctrl-C reaches the whole process group, and must stop this process alone,
+        # which ends the workers, not print a traceback from each worker still importing); one that another thread
+        # receives meanwhile is held, not raised in the middle of a Process.start(), and raised once they are started
+        held, stops = [], (signal.SIGINT, signal.SIGTERM)
+        handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in stops}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
             try:
                 for _ in range(self.n):
@@ -148,7 +150,11 @@ class MetricWorkers:
                     self.procs[-1].start()
                     theirs.close()
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a stop signal that came meanwhile is raised here
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                if held:
+                    signal.raise_signal(held[0])  # the script's own handler acts on it now
         except BaseException:
             self.__exit__()  # (the with statement does not call it when __enter__ fails)
             raise

@@ -4,12 +4,14 @@ import contextlib
 import errno
 import json
 import math
+import multiprocessing.context
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from types import SimpleNamespace
@@ -447,6 +449,38 @@ def test_workers_ignore_ctrl_c_and_one_killed_on_its_own_is_one_line_and_every_w
             workers.send(task)
             workers.receive(3)
     assert not [p for p in procs if p.is_alive()]
+
+
+def test_a_stop_signal_while_the_workers_start_is_raised_once_all_have_started(monkeypatch):
+    """A SIGTERM that another thread receives (the run's progress thread) while the workers start waits until each
+    of them has started, then stops the script as usual: never in the middle of a Process.start(), which could
+    leave a starting worker that nothing ends. Every worker is reaped."""
+    go, sent, started = threading.Event(), threading.Event(), []
+
+    def sender():  # started before the workers, so it does not block the signal as the starting thread does
+        go.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+        sent.set()
+    threading.Thread(target=sender, daemon=True).start()
+    real_start = multiprocessing.context.SpawnProcess.start
+
+    def start_with_a_signal(self):
+        if not go.is_set():  # the first start: the signal arrives through the other thread
+            go.set()
+            sent.wait()
+            time.sleep(0.05)
+        real_start(self)
+        started.append(self.pid)
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, 'start', start_with_a_signal)
+    on_sigterm = signal.signal(signal.SIGTERM, common._stop)  # as common.cli sets it
+    try:
+        workers = evaluate.MetricWorkers(2)
+        with pytest.raises(common.Stopped):
+            with workers:
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    assert len(started) == 2 and not [p for p in workers.procs if p.is_alive()]
 
 
 # --- pictures ----------------------------------------------------------------------------------------------------
