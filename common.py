@@ -36,6 +36,19 @@ class PeerLost(Exception):
     """Under torchrun, another rank died (killed, crashed): printed as one line with the resume command; exit code 1."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, or SIGINT/SIGUSR1 where there is nothing to save): unwinds at once, so that finally
+    blocks end worker processes and remove temporary files; cli exits 128 + the signal with one line."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
 class NonFiniteLoss(Exception):
     """Training diverged. Printed as one line; exit code 1. The last good checkpoint is left as it was."""
 
@@ -51,6 +64,7 @@ def cli(main):
     may go away (`| head`, a full device): the printing stops, the run does not (see LosableStdout)."""
     script = os.path.basename(sys.argv[0])
     stdout, sys.stdout = sys.stdout, LosableStdout(sys.stdout, script)
+    old_handler = signal.signal(signal.SIGTERM, _stop)  # outside a Run too (loading a checkpoint or the data)
     try:
         code = main(sys.argv[1:])
     except (UserError, data.DataError, NonFiniteLoss, PeerLost) as e:
@@ -62,10 +76,13 @@ def cli(main):
         print(f"{script}: error: out of memory ({' '.join(str(e).split())[:160]}): {_memory_advice(_last_config)}",
               file=sys.stderr)
         code = 1
-    except KeyboardInterrupt:
-        print(f"{script}: interrupted", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a Stopped signal
+        signum = getattr(e, 'signum', signal.SIGINT)
+        what = 'interrupted' if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"{script}: {what}", file=sys.stderr)
+        code = 128 + signum
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
         sys.stdout.flush()  # what is still buffered goes out through the guard, not in Python's flush at exit
         sys.stdout = stdout
     sys.exit(code if isinstance(code, int) else 0)  # benchmark modes return their figures
@@ -337,7 +354,7 @@ class Run:
 
     def _on_signal(self, signum, frame):
         if not self.training or (self.stop_signal and signum == signal.SIGINT):
-            raise KeyboardInterrupt  # unwind now (finally blocks end worker processes); a second Ctrl-C too
+            raise Stopped(signum)  # unwind now (finally blocks end worker processes); a second Ctrl-C too
         self.stop_signal = signum    # a training loop saves a checkpoint after this step and exits 128 + signum
 
     def __exit__(self, exc_type, exc, tb):
@@ -895,6 +912,28 @@ def load_encoder(path, num_classes=0, expect_model=None, loaded=None, **override
 
 # where and how a run starts, not what it computes: a resume does not report them as changes of the run
 NOT_THE_RUN = ('resume', 'out_dir', 'data_dir', 'download')
+
+
+def follow_checkpoint(cfg, given, ck, path, names=('dataset', 'img_size')):
+    """Defaults follow the checkpoint: each of `names` not given on the command line (or given as '' / 0, "the
+    checkpoint's") takes the value the checkpoint was trained with (its dataset; its image size), and one line says
+    which were taken. A stored value that is not valid is a UserError naming the file; one the checkpoint does not
+    record keeps the script's default."""
+    mc = ck.get('model_config')
+    stored = dict(ck.get('config', {}), img_size=mc.get('img_size') if isinstance(mc, dict) else None)
+    took = []
+    for name in names:
+        value = stored.get(name)
+        if (name in given and getattr(cfg, name)) or value is None:
+            continue
+        if type(value) is not type(getattr(cfg, name)) or not RULES[name][0](value):
+            raise UserError(f"{path}: its stored {name} {value!r} is not {RULES[name][1]}: the checkpoint is damaged; "
+                            f"pass --{name} to choose one")
+        setattr(cfg, name, value)
+        took.append(f"{name} {value}")
+    if took and int(os.environ.get('RANK', 0)) == 0:
+        print(f"from the checkpoint: {', '.join(took)} (what it was trained on; "
+              f"{' / '.join('--' + n for n in names)} choose another)")
 
 
 def check_out_dir(cfg, given, kind, fixed, checks=()):

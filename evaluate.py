@@ -12,15 +12,19 @@ colour of the visible pixels, and by interpolation from the visible pixels (norm
 Representation: weighted kNN (DINO's: cosine, k=20, T=0.07) and the study's linear probe (probe.py's code), each
 beside two floors computed on the same split: the run's own randomly initialised encoder (from its seed), and raw
 pixels (the images at 32x32). kNN also on a transfer dataset (CUB for a TIN checkpoint) when it is on disk.
-Writes <out_dir>/eval.json, eval.md (the table, also printed) and recon.png; out_dir defaults to
-<checkpoint folder>/eval, and an evaluation of another checkpoint there is never overwritten.
+The dataset and image size are the checkpoint's unless given. recon.png shows the images and masks of the run's
+training pictures, with their figures. Writes <out_dir>/eval.json, eval.md (the table, also printed), recon.png and
+log.jsonl; out_dir defaults to <checkpoint folder>/eval, and evaluate.py writes only into an empty folder or one
+holding its own earlier evaluation of the same checkpoint (recognised by its weights, wherever the file now lies).
 """
 import collections
 import contextlib
+import hashlib
 import io
 import json
 import math
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import signal
 import socket
@@ -65,7 +69,9 @@ out_dir = ''                # eval.json, eval.md, recon.png, log.jsonl; '' = <ch
 
 PSNR_CAP_DB = 100.0         # PSNR of an exact reconstruction is infinite; each image's PSNR is capped here
 PIXEL_FLOOR_SIZE = 32       # the raw-pixel representation floor: each image area-resized to 32x32, flattened
-PROBE_RECIPE = dict(warmup_epochs=2, batch_size=128, lr=1e-3, betas=(0.9, 0.95))  # the study's (Adam, no wd)
+PROBE_RECIPE = dict(warmup_epochs=2, batch_size=128, lr=1e-3, betas=(0.9, 0.95))  # the study's (Adam, no wd; lr at 128)
+PRETRAIN_VAL_IMAGES = 1024  # pretrain.py's val_images, for a checkpoint that does not record it (the pictures' images)
+OWN_FILES = ('eval.json', 'eval.md', 'recon.png', 'log.jsonl', '.lock')  # all that evaluate.py writes into its out_dir
 # the study's linear probe top-1 on TIN by mask ratio (ViT-Lite-7/4, random masking, 200-epoch pre-training)
 PAPER_PROBE_TIN = {0.5: 31.32, 0.6: 32.03, 0.65: 32.32, 0.7: 30.58, 0.75: 32.04, 0.8: 31.66, 0.85: 29.61, 0.9: 28.14}
 SECOND_SEED = dict(psnr=23.08, ssim=0.6663)  # ViT-B/16, 75% random masking, TIN, 24 epochs
@@ -76,7 +82,7 @@ FEATURES = ('model', 'random_init_floor', 'pixel_floor')  # the three representa
 FEATURE_NAMES = {'model': 'model', 'random_init_floor': "floor: the run's initial (random) encoder",
                  'pixel_floor': f'floor: raw pixels at {PIXEL_FLOOR_SIZE}x{PIXEL_FLOOR_SIZE}'}
 SHORT = {'mean_colour_floor': 'mean colour', 'interpolation_floor': 'interpolation', 'random_init_floor': 'random init',
-         'pixel_floor': 'raw pixels'}  # the floors' names in a verdict
+         'pixel_floor': 'raw pixels'}  # the floors' names in a verdict and in recon.png
 LABEL_FONT = 14             # point size of the labels in recon.png
 
 
@@ -103,13 +109,86 @@ def image_metrics(pred01, target01):
 
 
 def _metrics_chunk(preds, target):
-    """Pool task: {kind: (psnr sum, ssim sum)} for a chunk of images scored against the same originals."""
+    """A worker's task: {kind: (psnr sum, ssim sum)} for a chunk of images scored against the same originals."""
     return {kind: tuple(m.sum() for m in image_metrics(p, target)) for kind, p in preds.items()}
 
 
-def _pool_worker_init():
-    common.die_with_parent()                      # the worker ends when the evaluation process does
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+def _metrics_worker(conn):
+    common.die_with_parent()                         # SIGKILL when the evaluation process ends, however it ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle (one held back is dropped)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # SIGTERM as usual (held back since the worker started)
+    while True:
+        conn.send(_metrics_chunk(*conn.recv()))
+
+
+class MetricWorkers:
+    """scikit-image's PSNR/SSIM in n spawned processes (spawn: CUDA-safe), each fed through a pipe of its own, used as
+    `with MetricWorkers(n) as workers`; leaving the block kills and reaps them, which cannot block. (The standard
+    multiprocessing.Pool is not used: its terminate() waits forever for a queue lock that a worker killed while
+    waiting for work never releases, e.g. after a SIGTERM sent to the whole process group.) Tasks go to the workers
+    in turn and their results come back in the same order."""
+
+    def __init__(self, n):
+        self.n, self.procs, self.pipes, self.sent = n, [], [], 0
+
+    def __enter__(self):
+        ctx = multiprocessing.get_context('spawn')
+        multiprocessing.resource_tracker.ensure_running()  # (its start would unblock the signals blocked below)
+        # Ctrl-C and SIGTERM wait until the workers have started: this thread blocks them, and each worker inherits
+        # that mask until it is ready (a Ctrl-C reaches the whole process group, and must stop this process alone,
+        # which ends the workers, not print a traceback from each worker still importing); one that another thread
+        # receives meanwhile is held, not raised in the middle of a Process.start(), and raised once they are started
+        held, stops = [], (signal.SIGINT, signal.SIGTERM)
+        handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in stops}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            try:
+                for _ in range(self.n):
+                    mine, theirs = ctx.Pipe()
+                    self.procs.append(ctx.Process(target=_metrics_worker, args=(theirs,)))
+                    self.pipes.append(mine)
+                    self.procs[-1].start()
+                    theirs.close()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                if held:
+                    signal.raise_signal(held[0])  # the script's own handler acts on it now
+        except BaseException:
+            self.__exit__()  # (the with statement does not call it when __enter__ fails)
+            raise
+        return self
+
+    def send(self, task):
+        try:
+            self.pipes[self.sent % self.n].send(task)
+        except (BrokenPipeError, ConnectionResetError):
+            self._died(self.sent)
+        self.sent += 1
+
+    def receive(self, i):
+        """The result of the i-th task sent (results are received in the order the tasks were sent)."""
+        try:
+            return self.pipes[i % self.n].recv()
+        except (EOFError, ConnectionResetError):
+            self._died(i)
+
+    def _died(self, i):
+        """A worker ended on its own: killed alone (the OOM killer, a kill of its pid), or a bug (traceback above)."""
+        proc = self.procs[i % self.n]
+        proc.join(5)
+        raise common.UserError(f"a scikit-image worker process ended unexpectedly (exit code {proc.exitcode}); no "
+                               f"result was written: run again, with fewer --workers if memory is short") from None
+
+    def __exit__(self, *exc):
+        started = [proc for proc in self.procs if proc.pid is not None]
+        for proc in started:
+            proc.kill()
+        for proc in started:
+            proc.join()
+        for pipe in self.pipes:
+            pipe.close()
 
 
 # -----------------------------------------------------------------------------
@@ -179,59 +258,61 @@ def interpolation_fill(img01, visible, sigma=1.0):
 # reconstruction metrics over a split
 
 
+def scored_images(pasted01, target01, visible, patch_size):
+    """{kind: image} of the three images scored against the original target01: the model's (visible patches pasted)
+    and the two floors for the same masks (visible is (N, 1, H, W), 1 = visible)."""
+    return {'model': pasted01, 'mean_colour_floor': mean_colour_fill(target01, visible),
+            'interpolation_floor': interpolation_fill(target01, visible, sigma=max(1.0, patch_size / 4))}
+
+
 @torch.no_grad()
 def reconstruction_metrics(mae, split, mask_ratio, masking_kind, cfg, run, lpips_net):
     """Averages over the split of PSNR / SSIM / LPIPS for the model and both floors, and the masked-patch MSE.
     The masks are one draw for the whole split from a generator seeded with cfg.seed, so they depend on (seed,
-    image index) only, not on the batch size. scikit-image runs in a process pool while the device computes on;
-    the pool's workers end with this process, however it ends."""
+    image index) only, not on the batch size. scikit-image runs in worker processes while the device computes on;
+    the workers end with this function, however it ends."""
     device, mc, n = run.device, mae.cfg, len(split.labels)
     mae.eval()
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     noise_all = mae.masking_noise(n, mask_ratio, masking_kind, generator=g, device=device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     n_workers = cfg.workers or max(1, min(cores, 16) - 1)  # one core left for this process
-    pool = (multiprocessing.get_context('spawn').Pool(n_workers, initializer=_pool_worker_init)  # spawn: CUDA-safe
-            if n_workers > 1 else None)
-    pending, progress = collections.deque(), common.Progress('image', n, run, 'reconstruction metrics').start()
+    pending, progress = collections.deque(), common.Progress('image', n, run, 'reconstruction metrics')
     sums = {kind: dict(psnr=0.0, ssim=0.0, lpips=0.0) for kind in KINDS}
     mse_sum, start = torch.zeros((), device=device, dtype=torch.float64), 0
 
     def collect(result):
-        for kind, (psnr, ssim) in (result.get() if pool else result).items():
+        for kind, (psnr, ssim) in (workers.receive(result) if workers else result).items():
             sums[kind]['psnr'] += psnr
             sums[kind]['ssim'] += ssim
-    try:
+    with MetricWorkers(n_workers) if n_workers > 1 else contextlib.nullcontext() as workers, progress:
         for x, _ in data.iterate_batches(split.images, None, cfg.feature_batch, device, img_size=mc.img_size):
             noise, start = noise_all[start:start + len(x)], start + len(x)
             with run.autocast:
                 _, pred, mask = mae(x, mask_ratio, noise=noise)
             mse_sum += mae.forward_loss(x, pred, mask, on_all=False).double() * x.shape[0]
             _, pasted = mae.reconstruct(x, pred, mask)                    # normalised space, float32
-            visible = 1 - mae.pixel_mask(mask)                            # (N, 1, H, W), 1 = visible
             target = data.denormalize(x).clamp(0, 1)
-            images = {'model': data.denormalize(pasted).clamp(0, 1),
-                      'mean_colour_floor': mean_colour_fill(target, visible),
-                      'interpolation_floor': interpolation_fill(target, visible, sigma=max(1.0, mc.patch_size / 4))}
+            visible = 1 - mae.pixel_mask(mask)                            # (N, 1, H, W), 1 = visible
+            images = scored_images(data.denormalize(pasted).clamp(0, 1), target, visible, mc.patch_size)
             if lpips_net is not None:
                 for kind, img in images.items():
                     sums[kind]['lpips'] += lpips_distance(lpips_net, img, target).sum().item()
-            # scikit-image on the CPU: chunks for the pool, at most 2 per worker waiting (bounded memory)
+            # scikit-image on the CPU: a chunk per worker, at most 2 per worker waiting (bounded memory)
             target_np, preds_np = to_hwc(target), {kind: to_hwc(img) for kind, img in images.items()}
             step = math.ceil(len(target_np) / n_workers)
             for i in range(0, len(target_np), step):
                 chunk = ({k: p[i:i + step] for k, p in preds_np.items()}, target_np[i:i + step])
-                pending.append(pool.apply_async(_metrics_chunk, chunk) if pool else _metrics_chunk(*chunk))
+                if workers:
+                    pending.append(workers.sent)  # the index of the task, whose result comes back in order
+                    workers.send(chunk)
+                else:
+                    pending.append(_metrics_chunk(*chunk))
                 while len(pending) > 2 * n_workers:
                     collect(pending.popleft())
             progress.update(start)
         while pending:
             collect(pending.popleft())
-    finally:
-        progress.stop()
-        if pool is not None:
-            pool.terminate()  # kills the workers now, also when an error or a signal unwinds this
-            pool.join()
     out = {kind: dict(psnr=_finite(s['psnr'] / n), ssim=_finite(s['ssim'] / n),
                       lpips=_finite(s['lpips'] / n) if lpips_net is not None else None) for kind, s in sums.items()}
     out['masked_mse'] = _finite(mse_sum.item() / n)
@@ -243,38 +324,80 @@ def _finite(x):
     return float(x) if math.isfinite(x) else None
 
 
+def _wrap(draw, text, font, width):
+    """The words of text in lines no wider than width pixels (a longer word gets a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 @torch.no_grad()
-def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale=3):
-    """A PNG a person can read: one row per image, labelled columns (upscaled `scale` times, nearest) and a title line.
-    imgs are normalised (N, 3, H, W) on the model's device; the masks are fixed by `seed`, so pictures of successive
-    epochs show the same masks."""
+def reconstruction_grid(mae, imgs, mask_ratio, masking, seed, path, title, scale=3, caption=''):
+    """A PNG a person can read: one row per image in labelled columns (upscaled `scale` times, nearest), beside each
+    row that image's PSNR / SSIM and those of the two floors, a title, an optional caption (evaluate.py: the split's
+    figures) and, for MAE, a note on why the raw output's visible patches are noise. imgs are normalised (N, 3, H, W)
+    on the model's device; the masks are fixed by `seed`, so pictures of successive epochs show the same masks.
+    Written atomically: a full disk is one line, and the previous picture is kept."""
     was_training = mae.training
     mae.eval()
     g = torch.Generator(device=imgs.device).manual_seed(seed)
     noise = mae.masking_noise(len(imgs), mask_ratio, masking, generator=g, device=imgs.device)
     imgs = imgs.float()
     _, pred, mask = mae(imgs, mask_ratio, noise=noise)
+    mae.train(was_training)
     recon, pasted = mae.reconstruct(imgs, pred, mask)
     pix_mask = mae.pixel_mask(mask)                                        # (N, 1, H, W), 1 = masked
-    orig = data.denormalize(imgs).clamp(0, 1)
+    orig, pasted = data.denormalize(imgs).clamp(0, 1), data.denormalize(pasted).clamp(0, 1)
     cols = [orig * (1 - pix_mask) + 0.5 * pix_mask,                        # masked patches shown grey
-            data.denormalize(recon).clamp(0, 1), data.denormalize(pasted).clamp(0, 1), orig]
-    mae.train(was_training)
-    grid = torch.stack(cols, dim=1)                                         # (N, 4, 3, H, W)
-    N, _, _, H, W = grid.shape
-    cell, pad, top = H * scale, 4, 2 * LABEL_FONT + 14
-    canvas = Image.new('RGB', (4 * (cell + pad) + pad, top + N * (cell + pad) + pad), 'white')
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=LABEL_FONT)
-    draw.text((pad, 2), f"{title} | mask {mask_ratio:g} {masking}", fill='black', font=font)
-    pixels = (grid * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (N, 4, H, W, 3)
-    for c, label in enumerate(('masked input', 'reconstruction', 'visible pasted', 'original')):
-        draw.text((pad + c * (cell + pad), LABEL_FONT + 8), label, fill='black', font=font)
-        for r in range(N):
-            tile = Image.fromarray(pixels[r, c]).resize((W * scale, cell), Image.NEAREST)
-            canvas.paste(tile, (pad + c * (cell + pad), top + r * (cell + pad)))
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    canvas.save(tmp)
-    os.replace(tmp, path)
+            data.denormalize(recon).clamp(0, 1), pasted, orig]
+    if mae.cfg.norm_pix_loss:  # its pixels need each patch's true mean and variance: not scored (see markdown())
+        row_text = [['not scored:', 'norm_pix_loss']] * len(imgs)
+    else:
+        scores = {kind: image_metrics(to_hwc(img), to_hwc(orig))
+                  for kind, img in scored_images(pasted, orig, 1 - pix_mask, mae.cfg.patch_size).items()}
+        row_text = [[f"{SHORT.get(kind, kind)} {scores[kind][0][r]:.2f} / {scores[kind][1][r]:.3f}" for kind in KINDS]
+                    for r in range(len(imgs))]
+    trained = mae.cfg.loss_on_all  # SMAE's pixel loss covers every patch; MAE's only the masked ones
+    labels = ['masked input', 'raw output' + ('' if trained else ' (visible patches: never trained)'),
+              'visible patches pasted', 'original', 'this image: PSNR (dB) / SSIM']
+    note = '' if trained else ("The raw output's visible patches are noise by design: MAE's loss covers only the "
+                               "masked patches, so the model is never trained to reproduce the visible ones. The next "
+                               "column pastes the input's visible patches in; that image is the one scored.")
+    # layout: title and caption, column labels, the rows (tiles, then the figures), the note
+    N, _, H, W = orig.shape
+    font, cell, pad, line = ImageFont.load_default(size=LABEL_FONT), W * scale, 4, LABEL_FONT + 4
+    measure = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+    text_w = max(measure.textlength(t, font=font) for rows in row_text + [labels[-1:]] for t in rows)
+    width = 4 * (cell + pad) + int(text_w) + 3 * pad
+    head = _wrap(measure, f"{title} | mask {mask_ratio:g} {masking}", font, width - 2 * pad)
+    head += _wrap(measure, caption, font, width - 2 * pad)
+    col_labels = [_wrap(measure, label, font, cell) for label in labels[:4]] + [labels[-1:]]
+    foot = _wrap(measure, note, font, width - 2 * pad)
+    top = 2 * pad + (len(head) + max(map(len, col_labels))) * line
+    canvas = Image.new('RGB', (width, top + N * (cell + pad) + len(foot) * line + pad), 'white')
+    draw = ImageDraw.Draw(canvas)
+
+    def lines(texts, x, y):
+        for j, text in enumerate(texts):
+            draw.text((x, y + j * line), text, fill='black', font=font)
+    lines(head, pad, pad)
+    for c, label in enumerate(col_labels):
+        lines(label, pad + c * (cell + pad), 2 * pad + len(head) * line)
+    pixels = (torch.stack(cols, dim=1) * 255).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()  # (N, 4, H, W, 3)
+    for r in range(N):
+        y = top + r * (cell + pad)
+        for c in range(4):
+            tile = Image.fromarray(pixels[r, c]).resize((cell, H * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + c * (cell + pad), y))
+        lines(row_text[r], pad + 4 * (cell + pad), y)
+    lines(foot, pad, top + N * (cell + pad))
+    png = io.BytesIO()
+    canvas.save(png, format='PNG')
+    common.save_atomic(png.getvalue(), path)
     return path
 
 
@@ -322,11 +445,19 @@ def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
     """kNN (and the linear probe, when probe_epochs > 0) of the model and its two floors on one dataset's
     train (bank / probe training) and val (queries / probe val) splits -> {feature kind: dict(knn=..., probe=...)}."""
     out, kw = {}, dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast, progress=run)
+    if probe_epochs > 0:
+        n_train = len(splits['train'].labels)
+        batch, lr, note = probe.batch_and_lr(n_train, PROBE_RECIPE['batch_size'], PROBE_RECIPE['lr'])
+        recipe = dict(PROBE_RECIPE, batch_size=batch, lr=lr,
+                      warmup_epochs=min(PROBE_RECIPE['warmup_epochs'], probe_epochs - 1))
+        if note:
+            run.print(f"linear probe {note}")
     for kind in FEATURES:
         t0 = time.time()
         net = {'model': encoder, 'random_init_floor': random_encoder}.get(kind)  # None: the raw-pixel floor
-        feats = {s: pixel_features(split, run.device) if net is None else
-                 probe.extract_features(net, split.images, split.labels, run.device, **kw) for s, split in splits.items()}
+        feats = {s: pixel_features(splits[s], run.device) if net is None else
+                 probe.extract_features(net, splits[s].images, splits[s].labels, run.device, **kw)
+                 for s in ('train', 'val')}
         knn = knn_classify(*feats['train'], *feats['val'], splits['train'].num_classes, k=cfg.knn_k,
                            temperature=cfg.knn_temperature)
         run.log(dict(event='knn', features=kind, **knn), f"kNN, {FEATURE_NAMES[kind]}: top-1 {knn['top1']:.2f}% "
@@ -334,11 +465,10 @@ def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
         out[kind] = dict(knn=knn, probe=None)
         if probe_epochs > 0:
             t0 = time.time()
-            recipe = dict(PROBE_RECIPE, warmup_epochs=min(PROBE_RECIPE['warmup_epochs'], probe_epochs - 1))
             head = probe.train_linear_head(*feats['train'], *feats['val'], splits['train'].num_classes,
                                            epochs=probe_epochs, seed=cfg.seed, progress=run, **recipe)
             out[kind]['probe'] = dict(top1=head['top1'], top5=head['top5'], best_top1=head['best_top1'],
-                                      best_epoch=head['best_epoch'], epochs=probe_epochs)
+                                      best_epoch=head['best_epoch'], epochs=probe_epochs, batch_size=batch)
             run.log(dict(event='linear_probe', features=kind, **out[kind]['probe']),
                     f"linear probe, {FEATURE_NAMES[kind]}: top-1 {head['top1']:.2f}% top-5 {head['top5']:.2f}% "
                     f"({probe_epochs} epochs, {time.time() - t0:.1f}s)")
@@ -346,9 +476,19 @@ def representation(encoder, random_encoder, splits, cfg, run, probe_epochs):
 
 
 def load_splits(name, cfg):
-    """{'train', 'val'} of a dataset, limited to --subset train and --max_images val images (fixed by the seed)."""
-    return {s: data.subset(data.load_split(name, s, cfg.data_dir, download=cfg.download), n, cfg.seed)
-            for s, n in (('train', cfg.subset), ('val', cfg.max_images))}
+    """{'train', 'val'} of a dataset, limited to --subset train and --max_images val images (fixed by the seed), and
+    'whole_val', the whole val split (the pictures' images are chosen from it as pretrain.py chooses them)."""
+    train, val = (data.load_split(name, s, cfg.data_dir, download=cfg.download) for s in ('train', 'val'))
+    return dict(train=data.subset(train, cfg.subset, cfg.seed), val=data.subset(val, cfg.max_images, cfg.seed),
+                whole_val=val)
+
+
+def picture_images(val, ck_cfg):
+    """The uint8 images of pretrain.py's pictures (recon_epNNNN.png): the val split spread over the run's
+    val_images, then every (len // 8)-th of those, 8 of them, as pretrain.py takes them."""
+    n = ck_cfg.get('val_images')
+    shown = data.spread(val, n if type(n) is int and n >= 1 else PRETRAIN_VAL_IMAGES)
+    return shown.images[::max(1, len(shown.labels) // 8)][:8]
 
 
 # -----------------------------------------------------------------------------
@@ -501,11 +641,14 @@ def markdown(res):
                                                                 {k: rep[k]['probe']['top1'] for k in FEATURES[1:]})]))
                     ref = refs.get('linear_probe_top1')
                     note += f" probe reference {ref['value']} ({ref['source']})" if ref else ''
-            probe_txt = fmt(r['probe']['top1'], '.2f') if r['probe'] else ''
+            skipped = name == res['dataset'] and not res['probe_epochs']
+            probe_txt = fmt(r['probe']['top1'], '.2f') if r['probe'] else 'skipped' if skipped else ''
             lines.append(f"| {name}: {FEATURE_NAMES[kind]} | {r['knn']['top1']:.2f} | {r['knn']['top5']:.2f} | {probe_txt} | {note.strip()} |")
+    probe_txt = (f"{res['probe_epochs']} epochs of the study's recipe" if res['probe_epochs'] else
+                 "skipped (--probe_epochs 0)")
     lines += ["", f"kNN: weighted, k={res['knn_k']}, T={res['knn_temperature']:g}, train split as the bank, val split as "
-              f"the queries. Linear probe: {res['probe_epochs']} epochs of the study's recipe. A model below a floor has "
-              f"learnt less than that floor already holds."]
+              f"the queries. Linear probe: {probe_txt}. A model below a floor has learnt less than that floor already "
+              f"holds."]
     return "\n".join(lines) + "\n"
 
 
@@ -514,85 +657,138 @@ def markdown(res):
 
 
 def main(argv=None):
-    cfg, _ = common.configure(globals(), argv)
-    ck = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))  # a wrong --ckpt fails before anything is written
+    # every check, the weights and the data before anything is written
+    cfg, given = common.configure(globals(), argv)
+    if int(os.environ.get('RANK', -1)) != -1:
+        raise common.UserError("evaluate.py runs in one process: start it with python, not torchrun")
+    ck = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))
+    common.follow_checkpoint(cfg, given, ck, cfg.ckpt)
+    cfg.dataset = cfg.dataset or 'tin'  # (a checkpoint that does not record its dataset)
     mcfg = common.model_config(ck, cfg.ckpt, img_size=cfg.img_size or None)
     try:
         mcfg = replace(mcfg, mask_ratio=cfg.mask or mcfg.mask_ratio, masking=cfg.masking or mcfg.masking)
     except ValueError as e:
         raise common.UserError(str(e)) from None
-    cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'eval')
-    previous = os.path.join(cfg.out_dir, 'eval.json')
-    if os.path.exists(previous):
-        old = None
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            old = json.load(open(previous)).get('checkpoint_id')
-        if old != checkpoint_id(cfg.ckpt, ck):
-            raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({old or 'unknown'}): choose "
-                                   f"another --out_dir (by default each checkpoint is evaluated beside itself)")
-    with common.Run(cfg, 'evaluate', training=False) as run:
-        if run.ddp:
-            raise common.UserError("evaluate.py runs in one process: start it with python, not torchrun")
-        return evaluate(cfg, ck, mcfg, run)
-
-
-def checkpoint_id(path, ck):
-    return f"{os.path.realpath(path)} at step {ck.get('step')}"
-
-
-def reconstructions(cfg, ck, mcfg, run, val, name):
-    """Reconstruction metrics on the val split and recon.png, when the checkpoint makes pictures one can score ->
-    (metrics or dict(skipped=why), why LPIPS is missing or None, the picture's path or None)."""
+    encoder = common.load_encoder(cfg.ckpt, loaded=ck, img_size=mcfg.img_size)[0].eval()
     skip = ("a dino.py checkpoint has no decoder: it does not reconstruct" if ck['kind'] == 'dino' else
             "a norm_pix_loss model predicts per-patch normalised pixels; turning them into pixels needs each masked "
             "patch's true mean and variance, which would leak the answer into PSNR/SSIM/LPIPS and make them "
             "incomparable with raw-pixel models" if mcfg.norm_pix_loss else None)
+    mae = None if skip else M.build_mae(mcfg).eval()
+    if mae is not None:
+        try:
+            M.load_weights(mae, ck['model'], what=cfg.ckpt)
+        except ValueError as e:
+            raise common.UserError(str(e)) from None
+    splits = load_splits(cfg.dataset, cfg)
+    # the out_dir: locked first, then checked (no other run can change it between the check and the writes)
+    cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'eval')
+    ck_id, new_dirs = checkpoint_id(ck), missing_dirs(cfg.out_dir)
+    try:
+        with common.Run(cfg, 'evaluate', training=False) as run:
+            check_own_folder(cfg.out_dir, cfg.ckpt, ck, ck_id)
+            return evaluate(cfg, ck, ck_id, mcfg, encoder, mae, skip, splits, run)
+    finally:
+        for folder in new_dirs:  # a run that wrote nothing leaves no folder behind (rmdir removes empty ones only)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def checkpoint_id(ck):
+    """The checkpoint's identity wherever its file lies (a run folder may be moved or renamed): kind, step and a hash
+    of its weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(ck['model'].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return f"{ck['kind']} step {ck.get('step')} weights {digest.hexdigest()}"
+
+
+def missing_dirs(path):
+    """The folders of path that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing, path = missing + [path], os.path.dirname(path)
+    return missing
+
+
+def check_own_folder(out_dir, ck_path, ck, ck_id):
+    """evaluate.py writes only into an empty folder or one that holds its own earlier evaluation of this checkpoint:
+    anything else is a UserError, before anything is written. Called with out_dir locked."""
+    names = set(os.listdir(out_dir))
+    foreign = sorted(names - set(OWN_FILES))
+    if not foreign and 'log.jsonl' in names and not logged_by_evaluate(os.path.join(out_dir, 'log.jsonl')):
+        foreign = ["log.jsonl (another script's log)"]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ''
+        raise common.UserError(f"out_dir {out_dir} holds files evaluate.py did not write ({', '.join(foreign[:3])}"
+                               f"{more}): it writes only into an empty folder or its own earlier evaluation; choose "
+                               f"another --out_dir (by default each checkpoint is evaluated in <its folder>/eval)")
+    previous = os.path.join(out_dir, 'eval.json')
+    if os.path.exists(previous):
+        old = None
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            old = json.load(open(previous)).get('checkpoint_id')
+        earlier_form = f"{os.path.realpath(ck_path)} at step {ck.get('step')}"  # the form earlier versions wrote
+        if old not in (ck_id, earlier_form):
+            raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({old or 'unknown'}): choose "
+                                   f"another --out_dir (by default each checkpoint is evaluated beside itself)")
+
+
+def logged_by_evaluate(path):
+    """Whether every run that wrote into this log.jsonl was evaluate.py (each run's first record names its script)."""
+    scripts = set()
+    with open(path, errors='replace') as f:
+        for line in f:
+            with contextlib.suppress(ValueError, AttributeError):  # a line cut short by a kill, or not JSON at all
+                record = json.loads(line)
+                if record.get('event') == 'start':
+                    scripts.add(record.get('script'))
+    return scripts == {'evaluate'}
+
+
+def reconstructions(cfg, ck, mcfg, mae, skip, run, splits):
+    """Reconstruction metrics on the val split and recon.png, when the checkpoint makes pictures one can score ->
+    (metrics or dict(skipped=why), why LPIPS is missing or None, the picture's path or None)."""
     if skip:
         run.print(f"reconstruction not scored: {skip}")
         return dict(skipped=skip), skip, None
     lpips_net, lpips_reason = load_lpips(run.device) if cfg.use_lpips else (None, "LPIPS skipped (--use_lpips false)")
     if lpips_reason:
         run.print(lpips_reason)
-    mae = M.build_mae(mcfg)
-    try:
-        M.load_weights(mae, ck['model'], what=cfg.ckpt)
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
-    mae = mae.to(run.device).eval()
-    t0 = time.time()
+    mae, val, t0 = mae.to(run.device), splits['val'], time.time()
     rec = reconstruction_metrics(mae, val, mcfg.mask_ratio, mcfg.masking, cfg, run, lpips_net)
     m = rec['model']
     run.log(dict(event='reconstruction', images=len(val.labels), seconds=round(time.time() - t0, 1), **rec),
-            f"reconstruction on {len(val.labels)} {name} val images ({time.time() - t0:.1f}s): PSNR {fmt(m['psnr'], '.2f')} dB "
-            f"SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE {fmt(rec['masked_mse'], '.4f')}")
-    eight = data.spread(val, 8)
-    x8, _ = next(data.iterate_batches(eight.images, None, len(eight.labels), run.device, img_size=mcfg.img_size))
-    picture = reconstruction_grid(mae, x8, mcfg.mask_ratio, mcfg.masking, cfg.seed, os.path.join(cfg.out_dir, 'recon.png'),
-                                  f"{cfg.ckpt}, epoch {ck.get('epoch', 0):g}")
+            f"reconstruction on {len(val.labels)} {cfg.dataset} val images ({time.time() - t0:.1f}s): PSNR "
+            f"{fmt(m['psnr'], '.2f')} dB SSIM {fmt(m['ssim'], '.4f')} LPIPS {fmt(m['lpips'], '.4f')} masked MSE "
+            f"{fmt(rec['masked_mse'], '.4f')}")
+    # the picture: the images and masks of pretrain.py's pictures (the run's seed), the split's figures in its caption
+    shown = picture_images(splits['whole_val'], ck['config'])
+    x8, _ = next(data.iterate_batches(shown, None, len(shown), run.device, img_size=mcfg.img_size))
+    seed = ck['config'].get('seed', cfg.seed)
+    figures = ', '.join(f"{SHORT.get(k, k)} {fmt(rec[k]['psnr'], '.2f')} / {fmt(rec[k]['ssim'], '.3f')}" for k in KINDS)
+    caption = (f"{cfg.dataset} val, {len(val.labels)} images (masks of seed {cfg.seed}), PSNR (dB) / SSIM: {figures}. "
+               f"Rows: the images and masks (seed {seed}) of the run's training pictures.")
+    picture = reconstruction_grid(mae, x8, mcfg.mask_ratio, mcfg.masking, seed, os.path.join(cfg.out_dir, 'recon.png'),
+                                  f"{cfg.ckpt}, epoch {ck.get('epoch', 0):g}", caption=caption)
     return rec, lpips_reason, picture
 
 
-def evaluate(cfg, ck, mcfg, run):
-    t_start, ck_cfg = time.time(), ck['config']
-    encoder = common.load_encoder(cfg.ckpt, loaded=ck, img_size=mcfg.img_size)[0].to(run.device).eval()
+def evaluate(cfg, ck, ck_id, mcfg, encoder, mae, skip, splits, run):
+    t_start, ck_cfg, name = time.time(), ck['config'], cfg.dataset
+    encoder = encoder.to(run.device)
     # the random-init floor is the run's own initial encoder (the seed it was trained with), which pretrain.py and
     # dino.py also log as their kNN floor at step 0
-    torch.manual_seed(ck_cfg.get('seed', cfg.seed))
-    initial = M.build_mae(mcfg) if ck['kind'] == 'pretrain' else None  # pretrain.py built the whole MAE from the seed
-    random_encoder = M.VisionTransformer(replace(encoder.cfg, num_classes=0))  # dino.py: the encoder itself
-    if initial is not None:
-        random_encoder.load_state_dict(M.encoder_state_dict(initial.state_dict()))
-    random_encoder = random_encoder.to(run.device).eval()
-    name = cfg.dataset or ck_cfg.get('dataset', 'tin')
+    random_encoder = probe.initial_encoder(ck, encoder.cfg).to(run.device)
     transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None}.get(cfg.transfer_dataset, cfg.transfer_dataset)
     transfer = None if transfer == name else transfer
     run.banner({'checkpoint': f"{cfg.ckpt} ({ck['kind']}, {ck_cfg.get('model')}, epoch {ck.get('epoch', 0):g})",
                 'mask': 'none (no decoder)' if ck['kind'] == 'dino' else f"{mcfg.mask_ratio:g} {mcfg.masking}",
                 'dataset': name, 'transfer': transfer or 'none'})
-    splits = load_splits(name, cfg)
     val = splits['val']
     # 1. reconstructions and their floors on the val split
-    rec, lpips_reason, picture = reconstructions(cfg, ck, mcfg, run, val, name)
+    rec, lpips_reason, picture = reconstructions(cfg, ck, mcfg, mae, skip, run, splits)
     # 2. representation: kNN and the linear probe beside their floors, then kNN on the transfer dataset
     reps = {name: representation(encoder, random_encoder, splits, cfg, run, cfg.probe_epochs)}
     del splits
@@ -603,7 +799,7 @@ def evaluate(cfg, ck, mcfg, run):
             reps[transfer] = dict(available=False, reason=str(e))
             run.print(f"kNN {transfer}: unavailable: {e}")
     # 3. eval.json and eval.md
-    res = dict(checkpoint=cfg.ckpt, checkpoint_id=checkpoint_id(cfg.ckpt, ck), kind=ck['kind'],
+    res = dict(checkpoint=cfg.ckpt, checkpoint_id=ck_id, kind=ck['kind'],
                model=ck_cfg.get('model'), img_size=mcfg.img_size, patch_size=mcfg.patch_size, epoch=ck.get('epoch', 0),
                dataset=name, split='val', images=len(val.labels), mask=mcfg.mask_ratio, masking=mcfg.masking,
                seed=cfg.seed, psnr_cap_db=PSNR_CAP_DB, reconstruction=rec,

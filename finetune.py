@@ -30,7 +30,7 @@ import model as M
 # -----------------------------------------------------------------------------
 # config: the study's fine-tuning recipe
 # data
-dataset = 'tin'             # tin | cub (val = the official test split) | demo (embedded, no download) | synthetic
+dataset = 'tin'             # tin | cub (val: its test split) | demo | synthetic; with --ckpt: the checkpoint's
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
 augment = True              # RandomResizedCrop + flip + RandAugment(2, 9) on the device (the paper's recipe)
@@ -172,17 +172,22 @@ def val_metrics(net, split, img_size, run):
 def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
     # the out_dir is locked before it is looked at, so no other run can change it between the checks and the writes
+    # (a refused run leaves no folder behind: the lock removes the folders it created)
     with common.out_dir_locked(cfg.out_dir, 'finetune', take=cfg.bench_steps == 0):
         # resume or start fresh, and every check (model, --ckpt) before anything is written
         ck, cfg = ((None, cfg) if cfg.bench_steps else
                    common.check_out_dir(cfg, given, 'finetune', FIXED_ON_RESUME, CHECKS))
         if cfg.arch == 'vit' and not cfg.ckpt:
             common.preset_config(cfg, drop_path=cfg.drop_path, global_pool=cfg.global_pool)
-        # the pre-training checkpoint (--ckpt), read once here and reused by build(), and the sizes given with it
+        # the pre-training checkpoint (--ckpt), read once here and reused by build(); its dataset and image size are
+        # the defaults (transfer is --dataset cub), and the sizes given with it must fit its model
         pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino')) if cfg.ckpt and ck is None else None
         if pre is not None:
+            common.follow_checkpoint(cfg, given, pre, cfg.ckpt)
             common.model_config(pre, cfg.ckpt, img_size=cfg.img_size or None, patch_size=cfg.patch_size or None,
                                 drop_path=cfg.drop_path, global_pool=cfg.global_pool)
+        if not cfg.bench_steps:  # the data is found before anything is written (train() loads the splits it uses)
+            data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
         with common.Run(cfg, 'finetune', lock=cfg.bench_steps == 0) as run:
             return train(cfg, given, ck, pre, run)
 

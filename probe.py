@@ -2,13 +2,15 @@
 Linear probing of a frozen pre-trained encoder (the official MAE protocol: BatchNorm without affine parameters,
 then a Linear layer, on the encoder's cls feature).
 
-    python probe.py --ckpt out/pretrain/ckpt.pt                         # the study's 50-epoch probe on Tiny ImageNet
+    python probe.py --ckpt out/pretrain/ckpt.pt                         # the study's probe, on the checkpoint's data
     python probe.py --ckpt out/pretrain/ckpt.pt --dataset cub --out_dir out/probe_cub
 
 There is no augmentation, so the frozen features of the train and val splits are extracted once (eval mode,
 autocast, no gradients) and kept on the device; the head then trains on those tensors with on-device shuffling
-drawn from (seed, epoch). A 50-epoch probe on TIN takes seconds on a GPU. Writes <out_dir>/results.json,
-ckpt.pt (kind 'probe': the head's weights) and log.jsonl.
+drawn from (seed, epoch). The dataset and image size are the checkpoint's unless --dataset / --img_size are given.
+Beside the top-1 stands its floor: the same probe on the run's initial (random) encoder (its features and head
+again, so about twice the time; --floor false skips it). A 50-epoch probe on TIN takes seconds on a GPU. Writes
+<out_dir>/results.json, ckpt.pt (kind 'probe': the head's weights) and log.jsonl.
 
 Under torchrun only rank 0 probes (feature extraction is cheap); the other ranks exit at once. --resume true with
 more --epochs reruns an unfinished or shorter probe in its own out_dir from the start (it takes seconds, so there is
@@ -20,7 +22,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn as nn
@@ -28,24 +30,25 @@ import torch.nn.functional as F
 
 import common
 import data
+import model as M
 
 # -----------------------------------------------------------------------------
 # config: the study's linear-probe recipe (its Table 6, listed in the README's recipe table)
 # data
-dataset = 'tin'             # tin | cub (val = the official test split) | demo (embedded, no download) | synthetic
+dataset = 'tin'             # tin | cub (val: its test split) | demo | synthetic; the checkpoint's unless given
 data_dir = 'data'           # where tiny-imagenet-200/ and CUB_200_2011/ live (and their decoded caches)
 download = False            # fetch the official archive into data_dir if it is missing
 subset = 0                  # >0: train the head on a fixed random subset of this many images (val is always whole)
 # model
 ckpt = ''                   # pretrain.py or dino.py checkpoint whose frozen encoder is probed (required)
 model = 'vit_lite'          # the checkpoint's architecture is used; a given --model is checked against it
-img_size = 0                # input resolution; 0 = the checkpoint's
+img_size = 0                # input resolution; the checkpoint's unless given
 pool = 'cls'                # feature: cls token (official) | mean of the patch tokens
 # optimisation
 epochs = 50                 # probe epochs
 warmup_epochs = 2           # linear warmup, then cosine decay to 0
-batch_size = 128            # batch of features per step
-lr = 1e-3                   # Adam learning rate at batch 128; scaled linearly: lr * batch_size / 128 (as everywhere)
+batch_size = 128            # batch of features per step (at most the training images; the lr follows the batch used)
+lr = 1e-3                   # Adam learning rate at batch 128; scaled linearly: lr * batch / 128 (as everywhere)
 beta1 = 0.9                 # Adam beta1
 beta2 = 0.95                # Adam beta2 (no weight decay)
 # system
@@ -53,6 +56,7 @@ device = 'auto'             # auto (cuda if available) | cuda | cuda:N | cpu
 dtype = 'bfloat16'          # autocast of the feature extraction on CUDA: bfloat16 | float16 | float32; the head trains in float32
 seed = 0                    # seeds the head's initialisation and the order of the features
 feature_batch = 512         # images per encoder forward pass when extracting features
+floor = True                # also probe the run's initial (random) encoder: the floor beside the top-1 (2x the time)
 # output
 out_dir = 'out/probe'       # results.json, ckpt.pt, log.jsonl
 resume = False              # rerun the probe (with more --epochs) in an out_dir that holds a probe.py run
@@ -146,38 +150,67 @@ def train_linear_head(train_feats, train_labels, val_feats, val_labels, num_clas
                 head=head)
 
 
+def batch_and_lr(n, batch_size, lr):
+    """(batch, peak lr, note) of a head trained on n features: the batch is capped at n (a --subset smaller than the
+    batch), and lr, given at batch 128, scales linearly with the batch actually used; note says so when capped."""
+    batch = min(batch_size, n)
+    note = (f"batch: {batch_size} is more than the {n} training images, so the head trains on batches of {batch}, with "
+            f"the lr scaled to that batch ({lr:g} x {batch}/128)" if batch < batch_size else None)
+    return batch, lr * batch / 128, note
+
+
+def initial_encoder(pre, encoder_cfg):
+    """The run's own initial (random) encoder at encoder_cfg: what pretrain.py or dino.py built from the run's seed
+    before training. A probe or kNN figure is read beside it (pretrain.py and dino.py log its kNN top-1 at step 0)."""
+    torch.manual_seed(pre['config'].get('seed', 0))
+    initial = M.build_mae(encoder_cfg) if pre['kind'] == 'pretrain' else None  # pretrain.py built the whole MAE
+    encoder = M.VisionTransformer(replace(encoder_cfg, num_classes=0))        # dino.py: the encoder itself
+    if initial is not None:
+        encoder.load_state_dict(M.encoder_state_dict(initial.state_dict()))
+    return encoder.eval().requires_grad_(False)
+
+
 def main(argv=None):
     cfg, given = common.configure(globals(), argv, CHECKS)
     # the out_dir is locked before it is looked at, so no other run can change it between the checks and the writes
+    # (a refused run leaves no folder behind: the lock removes the folders it created)
     with common.out_dir_locked(cfg.out_dir, 'probe'):
-        _, cfg = common.check_out_dir(cfg, given, 'probe', (), CHECKS)  # refuses another run's folder, a finished probe
+        resumed, cfg = common.check_out_dir(cfg, given, 'probe', (), CHECKS)  # refuses another run's folder, a finished probe
         # a wrong --ckpt, or an --img_size it cannot take, fails before anything is written
         pre = common.load_checkpoint(cfg.ckpt, kinds=('pretrain', 'dino'))
+        if resumed is None:  # (a resumed probe keeps its stored dataset)
+            common.follow_checkpoint(cfg, given, pre, cfg.ckpt)
         common.model_config(pre, cfg.ckpt, img_size=cfg.img_size or None)
-        with common.Run(cfg, 'probe', lock=int(os.environ.get('RANK', 0)) == 0, training=False) as run:
+        encoder = common.load_encoder(cfg.ckpt, expect_model=cfg.model if 'model' in given else None, loaded=pre,
+                                      img_size=cfg.img_size or None)[0].requires_grad_(False)
+        cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually probed
+        master = int(os.environ.get('RANK', 0)) == 0
+        splits = None
+        if master:  # the data is found before anything is written
+            train, val = (data.load_split(cfg.dataset, s, cfg.data_dir, download=cfg.download) for s in ('train', 'val'))
+            splits = data.subset(train, cfg.subset, cfg.seed), val
+        with common.Run(cfg, 'probe', lock=master, training=False) as run:
             if not run.master:
                 return 0  # rank 0 does the whole probe: the features take seconds to extract
-            return probe(cfg, given, pre, run)
+            return probe(cfg, given, pre, encoder, splits, run)
 
 
-def probe(cfg, given, pre, run):
-    t_start, device = time.time(), run.device
-    encoder = common.load_encoder(cfg.ckpt, expect_model=cfg.model if 'model' in given else None, loaded=pre,
-                                  img_size=cfg.img_size or None)[0].to(device).requires_grad_(False)
-    cfg.model = pre['config'].get('model', cfg.model)  # record the architecture actually probed
-    train_split = data.subset(data.load_split(cfg.dataset, 'train', cfg.data_dir, download=cfg.download), cfg.subset, cfg.seed)
-    val_split = data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
-    batch = min(cfg.batch_size, len(train_split.labels))  # fewer images than a batch: each step takes them all
-    num_classes, peak_lr = train_split.num_classes, cfg.lr * batch / 128  # the lr of the batch actually used
-    if batch < cfg.batch_size:
-        run.print(f"batch: the {batch} training images are fewer than --batch_size {cfg.batch_size}: each step takes "
-                  f"them all, and the lr is scaled for a batch of {batch}")
-    warmup_epochs = common.warmup_steps(cfg, given, 1, run, unit='epoch')  # (in epochs: one 'step' per epoch)
+def probe(cfg, given, pre, encoder, splits, run):
+    t_start, device, (train_split, val_split) = time.time(), run.device, splits
+    encoder = encoder.to(device)
+    num_classes = train_split.num_classes
+    batch, peak_lr, batch_note = batch_and_lr(len(train_split.labels), cfg.batch_size, cfg.lr)
+    warmup = common.warmup_steps(cfg, given, 1, run, unit='epoch')  # (in epochs: one 'step' per epoch)
     run.banner({'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)",
                 'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)", 'classes': num_classes,
-                'train images': len(train_split.labels), 'val images': len(val_split.labels), 'peak lr': f"{peak_lr:.3g}"})
-    t0 = time.time()
+                'train images': len(train_split.labels), 'val images': len(val_split.labels), 'batch': batch,
+                'peak lr': f"{peak_lr:.3g}", 'floor': "the run's initial (random) encoder" if cfg.floor else 'none'})
+    if batch_note:
+        run.print(batch_note)
     kw = dict(batch_size=cfg.feature_batch, pool=cfg.pool, autocast=run.autocast, progress=run)
+    recipe = dict(epochs=cfg.epochs, warmup_epochs=warmup, batch_size=batch, lr=peak_lr, betas=(cfg.beta1, cfg.beta2),
+                  seed=cfg.seed)
+    t0 = time.time()
     (train_f, train_y), (val_f, val_y) = (extract_features(encoder, s.images, s.labels, device, **kw)
                                           for s in (train_split, val_split))
     feature_s = time.time() - t0  # (extract_features' .float() results are read back below: no sync needed here)
@@ -187,22 +220,35 @@ def probe(cfg, given, pre, run):
     def log(record, line):
         run.log(record, line if record['epoch'] % cfg.log_every == 0 or record['epoch'] == cfg.epochs else None)
     t0 = time.time()
-    out = train_linear_head(train_f, train_y, val_f, val_y, num_classes, epochs=cfg.epochs,
-                            warmup_epochs=warmup_epochs, batch_size=cfg.batch_size, lr=peak_lr,
-                            betas=(cfg.beta1, cfg.beta2), seed=cfg.seed, log=log, progress=run)
-    head_s, wall_s = time.time() - t0, time.time() - t_start
+    out = train_linear_head(train_f, train_y, val_f, val_y, num_classes, log=log, progress=run, **recipe)
+    head_s = time.time() - t0
+    floor = None
+    if cfg.floor:  # the same probe on the run's initial (random) encoder: what pre-training added is the difference
+        t0 = time.time()
+        random_encoder = initial_encoder(pre, encoder.cfg).to(device)
+        feats = [extract_features(random_encoder, s.images, s.labels, device, **kw) for s in (train_split, val_split)]
+        head = train_linear_head(*feats[0], *feats[1], num_classes, progress=run, **recipe)
+        floor = dict(features="the run's initial (random) encoder", top1=head['top1'], top5=head['top5'],
+                     seconds=round(time.time() - t0, 1))
+        run.log(dict(event='floor', **floor), f"floor, the same probe on the run's initial (random) encoder: top-1 "
+                f"{floor['top1']:.2f}% top-5 {floor['top5']:.2f}% ({floor['seconds']:.1f}s)")
+    wall_s = time.time() - t_start
     common.save_atomic({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': asdict(encoder.cfg),
                         'config': vars(cfg), 'encoder_ckpt': cfg.ckpt, 'pool': cfg.pool, 'num_classes': num_classes,
                         'step': cfg.epochs, 'epoch': cfg.epochs, 'top1': out['top1'], 'top5': out['top5'],
                         'classes': list(train_split.classes)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
-    results = dict({k: out[k] for k in ('top1', 'top5', 'best_top1', 'best_epoch')}, epoch=cfg.epochs,
+    results = dict({k: out[k] for k in ('top1', 'top5', 'best_top1', 'best_epoch')}, floor=floor, epoch=cfg.epochs,
                    dataset=cfg.dataset, model=cfg.model, ckpt=cfg.ckpt, pool=cfg.pool, num_classes=num_classes,
-                   train_images=len(train_f), val_images=len(val_f), peak_lr=peak_lr, feature_s=round(feature_s, 2),
-                   head_s=round(head_s, 2), wall_s=round(wall_s, 1), history=out['history'], config=vars(cfg))
+                   train_images=len(train_f), val_images=len(val_f), batch_size=batch, peak_lr=peak_lr,
+                   feature_s=round(feature_s, 2), head_s=round(head_s, 2), floor_s=floor and floor['seconds'],
+                   wall_s=round(wall_s, 1), history=out['history'], config=vars(cfg))
     common.save_atomic(json.dumps(results, indent=1) + '\n', os.path.join(cfg.out_dir, 'results.json'))
-    run.print(f"done in {wall_s:.1f}s (features {feature_s:.1f}s, head {head_s:.1f}s): linear probe val top-1 "
-              f"{out['top1']:.2f}% top-5 {out['top5']:.2f}% (best top-1 {out['best_top1']:.2f}% at epoch "
-              f"{out['best_epoch']}); {cfg.out_dir}/results.json")
+    beside = (f"; floor (the run's initial random encoder) top-1 {floor['top1']:.2f}%" if floor else
+              " (no floor: --floor false)")
+    run.print(f"done in {wall_s:.1f}s (features {feature_s:.1f}s, head {head_s:.1f}s"
+              + (f", floor {floor['seconds']:.1f}s" if floor else "") + f"): linear probe val top-1 {out['top1']:.2f}% "
+              f"top-5 {out['top5']:.2f}% (best top-1 {out['best_top1']:.2f}% at epoch {out['best_epoch']}){beside}; "
+              f"{cfg.out_dir}/results.json")
     return 0
 
 

@@ -1,15 +1,27 @@
 """evaluate.py: metrics equal direct scikit-image / lpips calls, kNN equals a brute-force vote, floors behave,
 LPIPS and a missing transfer dataset degrade to one line, and the whole command runs on the demo data."""
 import contextlib
+import errno
 import json
 import math
+import multiprocessing.context
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 from types import SimpleNamespace
 
 import lpips
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import ImageDraw
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import common
@@ -17,7 +29,8 @@ import data
 import evaluate
 import model as M
 import pretrain
-from conftest import TINY
+from conftest import ROOT, TINY
+from test_reliability import one_line_error, run_cli
 
 REAL_LPIPS = lpips.LPIPS
 
@@ -215,6 +228,8 @@ def test_lpips_unavailable_and_missing_transfer_dataset(ckpt, tmp_path, monkeypa
     assert res['representation']['cub']['available'] is False and 'cub' in res['representation']['cub']['reason']
     md = (out / 'eval.md').read_text()
     assert '| unavailable |' in md and md.count('unavailable') >= 4
+    assert 'Linear probe: skipped (--probe_epochs 0).' in md and '0 epochs' not in md  # not "0 epochs of the recipe"
+    assert md.count('| skipped |') == 3  # the model and its two floors
 
 
 def test_bad_checkpoint_path_names_the_file(tmp_path):
@@ -275,3 +290,249 @@ def test_the_random_init_floor_is_the_runs_own_initial_encoder(tmp_path):
                           '--probe_epochs', '0', '--use_lpips', 'false', '--workers', '1', '--seed', '3', '--out_dir', str(out)]) == 0
     rep = json.loads((out / 'eval.json').read_text())['representation']['demo']
     assert rep['random_init_floor']['knn']['top1'] == pytest.approx(floor)
+
+
+# --- the out_dir: only an empty folder or evaluate.py's own; checked under the lock -----------------------------
+
+def files(folder):
+    """{name: bytes} of every file in a folder (what a refused run must leave as it was)."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_another_runs_folder_is_refused_and_left_as_it_was(ckpt, tmp_path, capsys, monkeypatch):
+    """Pointed at a pre-training run's folder (its ckpt.pt, log.jsonl, pictures), evaluate.py refuses in one line and
+    changes nothing; a folder holding only another script's log.jsonl is refused too."""
+    run_dir = tmp_path / 'pretrain_run'
+    shutil.copytree(os.path.dirname(ckpt), run_dir)
+    before = files(run_dir)
+    code, err = run_cli(evaluate.main, ['--ckpt', run_dir / 'ckpt.pt', '--out_dir', run_dir], capsys, monkeypatch,
+                        script='evaluate.py')
+    one_line_error(code, err, f'out_dir {run_dir} holds files evaluate.py did not write (ckpt.pt, '
+                   'recon_ep0001.png, results.json)',
+                   'choose another --out_dir')
+    assert code == 2 and files(run_dir) == before, "a refused evaluation changed the run's folder"
+    only_log = tmp_path / 'only_log'
+    only_log.mkdir()
+    shutil.copy(run_dir / 'log.jsonl', only_log / 'log.jsonl')
+    code, err = run_cli(evaluate.main, ['--ckpt', run_dir / 'ckpt.pt', '--out_dir', only_log], capsys, monkeypatch,
+                        script='evaluate.py')
+    one_line_error(code, err, "(log.jsonl (another script's log))")
+    assert files(only_log) == {'log.jsonl': before['log.jsonl']}
+
+
+def test_the_lock_is_taken_before_the_folder_is_checked(ckpt, tmp_path, monkeypatch):
+    """No gap between the check of the folder and the lock: another run cannot slip in between."""
+    order = []
+    real_lock, real_check = common.lock_out_dir, evaluate.check_own_folder
+    monkeypatch.setattr(common, 'lock_out_dir', lambda *a: order.append('lock') or real_lock(*a))
+    monkeypatch.setattr(evaluate, 'check_own_folder', lambda *a: order.append('check') or real_check(*a))
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a: 0)
+    assert evaluate.main(['--ckpt', ckpt, '--out_dir', tmp_path / 'ev']) == 0
+    assert order == ['lock', 'check']
+
+
+def test_a_refused_run_leaves_no_folder_it_created(ckpt, tmp_path, capsys, monkeypatch):
+    """Missing data is refused before anything is created; a failure after the lock removes the (empty) folders
+    the run created, and only those."""
+    out = tmp_path / 'kept' / 'new' / 'deeper' / 'eval'
+    (tmp_path / 'kept').mkdir()
+    code, err = run_cli(evaluate.main, ['--ckpt', ckpt, '--dataset', 'tin', '--data_dir', tmp_path / 'nodata',
+                                        '--out_dir', out], capsys, monkeypatch, script='evaluate.py')
+    one_line_error(code, err, 'dataset folder', 'not found')
+    assert os.listdir(tmp_path / 'kept') == []
+
+    def fails(*args):
+        raise common.UserError("something after the lock failed")
+    monkeypatch.setattr(evaluate, 'evaluate', fails)
+    one_line_error(*run_cli(evaluate.main, ['--ckpt', ckpt, '--out_dir', out], capsys, monkeypatch,
+                            script='evaluate.py'), 'something after the lock failed')
+    assert os.listdir(tmp_path / 'kept') == [], "the refused run left the folders it created"
+
+
+def test_a_moved_run_folder_is_evaluated_in_place(ckpt, tmp_path, capsys):
+    """The evaluation beside a checkpoint is recognised as its own after the run folder is moved (the checkpoint's
+    identity is its weights, not its path), and it is evaluated again there. A probe on fewer training images than
+    its batch uses them all in one batch, with the lr scaled to that batch. The dataset is the checkpoint's."""
+    run_dir = tmp_path / 'run'
+    shutil.copytree(os.path.dirname(ckpt), run_dir)
+    argv = ['--probe_epochs', 1, '--subset', 64, '--max_images', 32, '--workers', 1, '--use_lpips', 'false']
+    assert evaluate.main(['--ckpt', str(run_dir / 'ckpt.pt')] + argv) == 0
+    first = json.loads((run_dir / 'eval' / 'eval.json').read_text())
+    printed = capsys.readouterr().out
+    assert 'from the checkpoint: dataset demo, img_size 32' in printed  # no --dataset: the checkpoint's
+    assert 'batch: 128 is more than the 64 training images, so the head trains on batches of 64' in printed
+    assert first['representation']['demo']['model']['probe']['batch_size'] == 64
+    os.rename(run_dir, tmp_path / 'renamed')
+    assert evaluate.main(['--ckpt', str(tmp_path / 'renamed' / 'ckpt.pt')] + argv) == 0
+    again = json.loads((tmp_path / 'renamed' / 'eval' / 'eval.json').read_text())
+    assert again['checkpoint_id'] == first['checkpoint_id']
+    assert again['checkpoint'].startswith(str(tmp_path / 'renamed'))
+    logged = [json.loads(line) for line in open(tmp_path / 'renamed' / 'eval' / 'log.jsonl')]
+    assert [r['script'] for r in logged if r['event'] == 'start'] == ['evaluate', 'evaluate']
+    assert sorted(os.listdir(tmp_path / 'renamed' / 'eval')) == ['eval.json', 'eval.md', 'log.jsonl', 'recon.png']
+
+
+# --- signals and the metric workers ---------------------------------------------------------------------------
+
+def workers_of(pid):
+    """The pids of a process's metric worker processes (multiprocessing spawn children, not its resource tracker)."""
+    children = open(f'/proc/{pid}/task/{pid}/children').read().split()
+    return [int(c) for c in children if 'spawn_main' in open(f'/proc/{c}/cmdline').read()]
+
+
+def alive(pid):
+    return os.path.exists(f'/proc/{pid}') and open(f'/proc/{pid}/stat').read().split()[2] != 'Z'
+
+
+def waiting_for_work(pid):
+    """Whether a worker is blocked reading its next task (it has started and scores)."""
+    with contextlib.suppress(OSError):
+        return 'read' in open(f'/proc/{pid}/wchan').read()
+
+
+@pytest.mark.parametrize('sig, when, code, line', [
+    (signal.SIGTERM, 'scoring', 143, 'evaluate.py: stopped by SIGTERM'),
+    (signal.SIGINT, 'starting', 130, 'evaluate.py: interrupted')],
+    ids=['sigterm_while_scoring', 'ctrl_c_while_starting'])
+def test_a_stop_signal_to_the_process_group_ends_evaluate_and_its_workers(sig, when, code, line, ckpt, tmp_path):
+    """A signal to the whole process group (a scheduler's SIGTERM, a terminal's Ctrl-C) while scikit-image's workers
+    start or score: evaluate.py exits 128 + signal with one line, its workers are gone and no result file is written.
+    (With multiprocessing.Pool, the SIGTERM hung forever in Pool.terminate() once it had killed a worker waiting for
+    work, and the Ctrl-C printed a traceback from each starting worker.)"""
+    out = tmp_path / 'ev'
+    argv = ['--ckpt', ckpt, '--workers', 2, '--feature_batch', 8, '--probe_epochs', 0, '--use_lpips', 'false',
+            '--out_dir', out]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'evaluate.py')] + [str(a) for a in argv], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        t0, workers = time.time(), []
+        while len(workers) < 2 and time.time() - t0 < 120 and proc.poll() is None:
+            workers = workers_of(proc.pid)
+            time.sleep(0.02)
+        assert len(workers) == 2, "the workers never started"
+        while when == 'scoring' and not any(map(waiting_for_work, workers)) and time.time() - t0 < 180:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the evaluation ended before the signal"
+        os.killpg(proc.pid, sig)
+        err = proc.communicate(timeout=60)[1]
+    finally:  # a hung evaluation (the bug this test is for) must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == code and err.strip().splitlines() == [line], err[-2000:]
+    time.sleep(0.5)
+    assert not [w for w in workers if alive(w)], "a worker outlived evaluate.py"
+    assert not set(os.listdir(out)) - {'log.jsonl'}, os.listdir(out)  # no result, no half-written file
+
+
+def test_workers_ignore_ctrl_c_and_one_killed_on_its_own_is_one_line_and_every_worker_is_reaped():
+    """A Ctrl-C reaches the whole process group: the workers, still starting or running, leave it to evaluate.py
+    (which ends them). A worker that dies alone (the out-of-memory killer) is one line naming its exit code, not a
+    hang or a traceback; leaving the block kills and reaps the others."""
+    target = np.zeros((2, 16, 16, 3), np.float32)
+    task = ({'model': target + 0.5}, target)
+    with evaluate.MetricWorkers(2) as workers:
+        procs = list(workers.procs)
+        for proc in procs:  # while they start (importing takes seconds)
+            os.kill(proc.pid, signal.SIGINT)
+        workers.send(task)
+        assert workers.receive(0)['model'][0] == pytest.approx(2 * 10 * math.log10(1 / 0.25))  # PSNR 6.02 dB, twice
+        os.kill(procs[0].pid, signal.SIGINT)  # while they run
+        for i in (1, 2):
+            workers.send(task)
+            assert workers.receive(i)['model'][0] == pytest.approx(12.04, abs=0.01)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].join(30)
+        with pytest.raises(common.UserError, match=r'a scikit-image worker process ended unexpectedly \(exit code -9'):
+            workers.send(task)
+            workers.receive(3)
+    assert not [p for p in procs if p.is_alive()]
+
+
+def test_a_stop_signal_while_the_workers_start_is_raised_once_all_have_started(monkeypatch):
+    """A SIGTERM that another thread receives (the run's progress thread) while the workers start waits until each
+    of them has started, then stops the script as usual: never in the middle of a Process.start(), which could
+    leave a starting worker that nothing ends. Every worker is reaped."""
+    go, sent, started = threading.Event(), threading.Event(), []
+
+    def sender():  # started before the workers, so it does not block the signal as the starting thread does
+        go.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+        sent.set()
+    threading.Thread(target=sender, daemon=True).start()
+    real_start = multiprocessing.context.SpawnProcess.start
+
+    def start_with_a_signal(self):
+        if not go.is_set():  # the first start: the signal arrives through the other thread
+            go.set()
+            sent.wait()
+            time.sleep(0.05)
+        real_start(self)
+        started.append(self.pid)
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, 'start', start_with_a_signal)
+    on_sigterm = signal.signal(signal.SIGTERM, common._stop)  # as common.cli sets it
+    try:
+        workers = evaluate.MetricWorkers(2)
+        with pytest.raises(common.Stopped):
+            with workers:
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    assert len(started) == 2 and not [p for p in workers.procs if p.is_alive()]
+
+
+# --- pictures ----------------------------------------------------------------------------------------------------
+
+def test_a_full_disk_while_writing_the_picture_is_one_line_and_keeps_the_previous_one(ckpt, tmp_path, capsys,
+                                                                                      monkeypatch):
+    out = tmp_path / 'ev'
+    argv = eval_argv(ckpt, out, '--probe_epochs', 0, '--workers', 1, '--use_lpips', 'false', '--max_images', 32)
+    assert evaluate.main(argv) == 0
+    before = files(out)
+    real_fsync = os.fsync
+
+    def disk_full_for_pictures(fd):
+        if '.png' in os.readlink(f'/proc/self/fd/{fd}'):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', disk_full_for_pictures)
+    code, err = run_cli(evaluate.main, argv, capsys, monkeypatch, script='evaluate.py')
+    one_line_error(code, err, f'could not write {out}/recon.png (No space left on device); the previous recon.png is '
+                              f'intact')
+    assert code == 2
+    after = files(out)
+    assert {k: v for k, v in after.items() if k != 'log.jsonl'} == {k: v for k, v in before.items() if k != 'log.jsonl'}
+    assert after['log.jsonl'].startswith(before['log.jsonl'])  # the log only grew: no half-written or lost file
+
+
+def test_the_picture_shows_trainings_images_and_masks_with_figures_and_says_why_the_raw_output_is_noise(
+        tmp_path, monkeypatch):
+    """evaluate.py's recon.png shows the images and masks of pretrain.py's pictures (same tensors, mask ratio,
+    strategy and seed, even when --seed and --max_images differ), with each row's PSNR / SSIM beside its floors and
+    the split's figures; the raw output's column and a note say that MAE never trains the visible patches."""
+    calls, texts = [], []
+    real_grid, real_text = evaluate.reconstruction_grid, ImageDraw.ImageDraw.text
+    monkeypatch.setattr(evaluate, 'reconstruction_grid', lambda mae, imgs, *a, **k: calls.append(
+        (imgs.clone(), a[:3], k.get('caption', ''))) or real_grid(mae, imgs, *a, **k))
+    monkeypatch.setattr(ImageDraw.ImageDraw, 'text', lambda self, xy, text, *a, **k: texts.append(text) or
+                        real_text(self, xy, text, *a, **k))
+    argv = TINY + ['--out_dir', str(tmp_path / 'pre'), '--data_dir', str(tmp_path / 'data'), '--epochs', '1',
+                   '--subset', '64', '--seed', '3']
+    assert pretrain.main(argv) == 0
+    training_texts, texts[:] = list(texts), []
+    assert evaluate.main(['--ckpt', str(tmp_path / 'pre' / 'ckpt.pt'), '--subset', 64, '--max_images', 40,
+                          '--probe_epochs', 0, '--workers', 1, '--use_lpips', 'false', '--seed', 0]) == 0
+    (train_imgs, train_args, _), (eval_imgs, eval_args, caption) = calls
+    assert torch.equal(train_imgs, eval_imgs) and len(eval_imgs) == 8 and train_args == eval_args == (0.75, 'random', 3)
+    rec = json.loads((tmp_path / 'pre' / 'eval' / 'eval.json').read_text())['reconstruction']
+    for kind in evaluate.KINDS:  # the split's figures
+        assert f"{evaluate.SHORT.get(kind, kind)} {rec[kind]['psnr']:.2f} / {rec[kind]['ssim']:.3f}" in caption
+    for drawn in (training_texts, texts):  # (wrapped lines, drawn one after another)
+        words = ' '.join(drawn)
+        assert 'raw output (visible patches: never trained)' in words
+        assert "MAE's loss covers only the masked patches, so the model is never trained to reproduce" in words
+        for name in ('model', 'mean colour', 'interpolation'):  # each row: PSNR / SSIM of the image, and its floors
+            rows = [t for t in drawn if re.fullmatch(rf'{name} \d+\.\d\d / -?[01]\.\d\d\d', t)]
+            assert len(rows) == 8, (name, drawn)

@@ -14,6 +14,7 @@ import finetune
 import model as M
 import pretrain
 from conftest import keep_first_checkpoint, script_argv
+from test_reliability import one_line_error, run_cli
 
 
 @pytest.fixture
@@ -179,3 +180,18 @@ def test_defaults_are_the_papers_recipe():
     assert d['lr'] == 0.0
     base = lambda **kw: finetune.base_lr(SimpleNamespace(**{**dict(lr=0.0, dataset='tin'), **kw}))
     assert (base(), base(dataset='cub'), base(lr=2e-3, dataset='cub')) == (1e-3, 5e-4, 2e-3)
+
+
+def test_defaults_follow_the_checkpoint_and_transfer_is_one_flag_away(pre, tmp_path, capsys, monkeypatch):
+    """Given only --ckpt, fine-tuning takes the checkpoint's dataset and image size and says so; --dataset chooses
+    another (the study's transfer), and a dataset not on disk is one line with no out_dir left behind."""
+    out = tmp_path / 'ft'
+    assert finetune.main(['--ckpt', pre, '--out_dir', str(out), '--epochs', 1, '--subset', 64, '--batch_size', 32,
+                          '--warmup_epochs', 0]) == 0
+    assert 'from the checkpoint: dataset demo, img_size 32' in capsys.readouterr().out
+    res = results(out)
+    assert (res['dataset'], res['img_size'], res['num_classes'], res['val_images']) == ('demo', 32, 8, 384)
+    code, err = run_cli(finetune.main, ['--ckpt', pre, '--dataset', 'cub', '--data_dir', tmp_path / 'nodata',
+                                        '--out_dir', tmp_path / 'ft_cub'], capsys, monkeypatch, script='finetune.py')
+    one_line_error(code, err, 'cub: dataset folder', 'not found', '--download true')
+    assert code == 2 and not os.path.exists(tmp_path / 'ft_cub')

@@ -12,6 +12,7 @@ import data
 import model as M
 import probe
 from conftest import script_argv
+from test_reliability import one_line_error, run_cli
 
 
 @pytest.fixture
@@ -131,3 +132,66 @@ def test_errors_name_the_file(pr, pre, tmp_path, tiny):
           pr('--ckpt', str(other), out=f'e{next(n)}'))
     fails(f'{pre} holds a vit_lite encoder but --model is vit_small', pr('--model', 'vit_small', out=f'e{next(n)}'))
     fails("--pool must be one of cls, mean, got 'max'", pr('--pool', 'max', out=f'e{next(n)}'))
+
+
+# --- defaults that follow the checkpoint, a batch capped at the data, the floor ------------------------------
+
+def test_defaults_follow_the_checkpoint_and_nothing_is_created_before_the_data_is_found(pre, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Given only --ckpt, the probe takes the dataset and image size the checkpoint was trained on (demo, 32 px) and
+    says so; a dataset that is not on disk is one line, and no out_dir is left behind."""
+    out = tmp_path / 'probe'
+    assert probe.main(['--ckpt', pre, '--out_dir', str(out), '--epochs', 1, '--floor', 'false']) == 0
+    assert 'from the checkpoint: dataset demo, img_size 32' in capsys.readouterr().out
+    res = json.load(open(out / 'results.json'))
+    assert (res['dataset'], res['config']['img_size'], res['val_images']) == ('demo', 32, 384)
+    code, err = run_cli(probe.main, ['--ckpt', pre, '--dataset', 'tin', '--data_dir', tmp_path / 'nodata',
+                                     '--out_dir', tmp_path / 'p2'], capsys, monkeypatch, script='probe.py')
+    one_line_error(code, err, 'tin: dataset folder', 'not found', '--download true')
+    assert code == 2 and not os.path.exists(tmp_path / 'p2') and not os.path.exists(tmp_path / 'nodata')
+    damaged = torch.load(pre, weights_only=True)
+    damaged['config']['dataset'] = 'imagenet'
+    torch.save(damaged, tmp_path / 'damaged.pt')
+    code, err = run_cli(probe.main, ['--ckpt', tmp_path / 'damaged.pt', '--out_dir', tmp_path / 'p3'], capsys,
+                        monkeypatch, script='probe.py')
+    one_line_error(code, err, f"{tmp_path / 'damaged.pt'}: its stored dataset 'imagenet' is not one of tin, cub",
+                   'pass --dataset')
+    assert not os.path.exists(tmp_path / 'p3')
+
+
+def test_batch_and_lr_follow_the_batch_actually_used():
+    assert probe.batch_and_lr(1000, 128, 1e-3) == (128, 1e-3, None)
+    batch, lr, note = probe.batch_and_lr(40, 128, 1e-3)
+    assert (batch, lr) == (40, 1e-3 * 40 / 128)
+    assert note == 'batch: 128 is more than the 40 training images, so the head trains on batches of 40, with the lr ' \
+                   'scaled to that batch (0.001 x 40/128)'
+
+
+def test_a_batch_capped_at_the_data_scales_the_lr_and_the_floor_stands_beside_the_top1(pr, pre, tmp_path, capsys):
+    """--subset 40 with --batch_size 128: the head trains on batches of 40 with the lr for 40 (and says so). The
+    floor, the same probe on the run's initial (random) encoder, is printed beside the top-1 and stored; it is what
+    evaluate.py reports as its random-init probe floor for the same recipe."""
+    assert probe.main(pr('--epochs', 3, '--subset', 40, '--batch_size', 128)) == 0
+    printed = capsys.readouterr().out
+    assert 'batch: 128 is more than the 40 training images, so the head trains on batches of 40' in printed
+    res = json.load(open(tmp_path / 'run' / 'results.json'))
+    assert res['batch_size'] == 40 and res['peak_lr'] == pytest.approx(1e-3 * 40 / 128)
+    logged = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    assert [r['lr'] for r in logged if r['event'] == 'probe'][0] == res['peak_lr']  # (no warm-up in TINY)
+    floor = res['floor']
+    assert floor['features'] == "the run's initial (random) encoder" and 0 <= floor['top1'] <= floor['top5'] <= 100
+    done = printed.strip().splitlines()[-1]
+    assert f"linear probe val top-1 {res['top1']:.2f}%" in done and \
+        f"floor (the run's initial random encoder) top-1 {floor['top1']:.2f}%" in done
+    # the floor is the run's own initial encoder: the same probe on it, built as pretrain.py built it
+    split = data.subset(data.load_split('demo', 'train'), 40, 0)
+    val = data.load_split('demo', 'val')
+    ck = torch.load(pre, weights_only=True)
+    torch.manual_seed(ck['config']['seed'])
+    initial = M.build_mae(M.ViTConfig(**ck['model_config']))
+    encoder = common.load_encoder(pre)[0]
+    encoder.load_state_dict(M.encoder_state_dict(initial.state_dict()))
+    feats = [probe.extract_features(encoder, s.images, s.labels, torch.device('cpu')) for s in (split, val)]
+    again = probe.train_linear_head(*feats[0], *feats[1], 8, epochs=3, warmup_epochs=0, batch_size=40,
+                                    lr=res['peak_lr'])
+    assert again['top1'] == floor['top1']
