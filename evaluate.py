@@ -71,7 +71,7 @@ PSNR_CAP_DB = 100.0         # PSNR of an exact reconstruction is infinite; each 
 PIXEL_FLOOR_SIZE = 32       # the raw-pixel representation floor: each image area-resized to 32x32, flattened
 PROBE_RECIPE = dict(warmup_epochs=2, batch_size=128, lr=1e-3, betas=(0.9, 0.95))  # the study's (Adam, no wd; lr at 128)
 PRETRAIN_VAL_IMAGES = 1024  # pretrain.py's val_images, for a checkpoint that does not record it (the pictures' images)
-OWN_FILES = ('eval.json', 'eval.md', 'recon.png', 'log.jsonl', '.lock')  # all that evaluate.py writes into its out_dir
+OWN_FILES = ('eval.json', 'eval.md', 'recon.png', 'log.jsonl')  # all that evaluate.py writes into its out_dir
 # the study's linear probe top-1 on TIN by mask ratio (ViT-Lite-7/4, random masking, 200-epoch pre-training)
 PAPER_PROBE_TIN = {0.5: 31.32, 0.6: 32.03, 0.65: 32.32, 0.7: 30.58, 0.75: 32.04, 0.8: 31.66, 0.85: 29.61, 0.9: 28.14}
 SECOND_SEED = dict(psnr=23.08, ssim=0.6663)  # ViT-B/16, 75% random masking, TIN, 24 epochs
@@ -683,15 +683,11 @@ def main(argv=None):
     splits = load_splits(cfg.dataset, cfg)
     # the out_dir: locked first, then checked (no other run can change it between the check and the writes)
     cfg.out_dir = cfg.out_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), 'eval')
-    ck_id, new_dirs = checkpoint_id(ck), missing_dirs(cfg.out_dir)
-    try:
-        with common.Run(cfg, 'evaluate', training=False) as run:
-            check_own_folder(cfg.out_dir, cfg.ckpt, ck, ck_id)
-            return evaluate(cfg, ck, ck_id, mcfg, encoder, mae, skip, splits, run)
-    finally:
-        for folder in new_dirs:  # a run that wrote nothing leaves no folder behind (rmdir removes empty ones only)
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+    # (a refused run leaves no folder behind: the lock removes the folders it created, if they are still empty)
+    ck_id = checkpoint_id(ck)
+    with common.Run(cfg, 'evaluate', training=False) as run:
+        check_own_folder(cfg.out_dir, cfg.ckpt, ck, ck_id)
+        return evaluate(cfg, ck, ck_id, mcfg, encoder, mae, skip, splits, run)
 
 
 def checkpoint_id(ck):
@@ -702,14 +698,6 @@ def checkpoint_id(ck):
         digest.update(name.encode())
         digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
     return f"{ck['kind']} step {ck.get('step')} weights {digest.hexdigest()}"
-
-
-def missing_dirs(path):
-    """The folders of path that do not exist yet, deepest first."""
-    missing, path = [], os.path.abspath(path)
-    while not os.path.exists(path):
-        missing, path = missing + [path], os.path.dirname(path)
-    return missing
 
 
 def check_own_folder(out_dir, ck_path, ck, ck_id):

@@ -308,7 +308,7 @@ def test_another_runs_folder_is_refused_and_left_as_it_was(ckpt, tmp_path, capsy
     code, err = run_cli(evaluate.main, ['--ckpt', run_dir / 'ckpt.pt', '--out_dir', run_dir], capsys, monkeypatch,
                         script='evaluate.py')
     one_line_error(code, err, f'out_dir {run_dir} holds files evaluate.py did not write (ckpt.pt, '
-                   'recon_ep0001.png, results.json)',
+                   'curves.png, recon_ep0001.png and 1 more)',
                    'choose another --out_dir')
     assert code == 2 and files(run_dir) == before, "a refused evaluation changed the run's folder"
     only_log = tmp_path / 'only_log'

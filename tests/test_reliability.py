@@ -838,16 +838,6 @@ def test_on_resume_the_rules_between_values_hold_for_the_stored_config(pre, tmp_
     assert snapshot(out) == before
 
 
-def test_a_probe_with_fewer_images_than_a_batch_scales_its_lr_by_the_batch_it_uses(pre, tmp_path, capsys, monkeypatch):
-    import probe
-    code, stdout, err = cli_run(probe.main, ['--ckpt', pre, '--dataset', 'demo', '--data_dir', tmp_path / 'data',
-                                             '--subset', 16, '--batch_size', 32, '--epochs', 1, '--warmup_epochs', 0,
-                                             '--out_dir', tmp_path / 'probe'], capsys, monkeypatch, script='probe.py')
-    assert code == 0, err
-    assert any('the 16 training images are fewer than --batch_size 32' in line for line in stdout)
-    assert json.load(open(tmp_path / 'probe' / 'results.json'))['peak_lr'] == pytest.approx(1e-3 * 16 / 128)
-
-
 @pytest.mark.parametrize('script', ['finetune', 'probe'])
 def test_an_img_size_the_checkpoint_cannot_take_is_the_users_value_not_a_damaged_file(script, pre, tmp_path, capsys,
                                                                                      monkeypatch):
