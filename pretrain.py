@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict
 
 import torch
-import torchvision
 
 import common
 import data
@@ -97,6 +96,7 @@ def load_critic(cfg):
     """SMAE's frozen critic (None for plain MAE). Every problem with it is found here, before anything is written."""
     critic = None
     if cfg.alpha > 0 and cfg.critic == 'alexnet':  # torchvision's ImageNet AlexNet up to conv2 + ReLU (beyond the study)
+        import torchvision  # here, not at the top: only this critic needs it, and it adds 1.5 s to every start
         try:
             critic = torchvision.models.alexnet(weights=torchvision.models.AlexNet_Weights.IMAGENET1K_V1).features[:5]
         except Exception as e:
