@@ -16,9 +16,10 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# vit_lite on 32x32 crops with 8x8 patches (16 tokens), 256 training images in batches of 32: 8 steps/epoch
+# vit_lite on 32x32 crops with 8x8 patches (16 tokens), 256 training images in batches of 32: 8 steps/epoch; a
+# kNN bank of 64 images
 TINY = ['--dataset', 'demo', '--img_size', '32', '--patch_size', '8', '--subset', '256', '--batch_size', '32',
-        '--log_every', '1', '--val_images', '64', '--warmup_epochs', '0']
+        '--log_every', '1', '--val_images', '64', '--knn_bank', '64', '--warmup_epochs', '0']
 
 
 @pytest.fixture

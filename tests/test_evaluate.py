@@ -377,7 +377,11 @@ def test_a_moved_run_folder_is_evaluated_in_place(ckpt, tmp_path, capsys):
 def workers_of(pid):
     """The pids of a process's metric worker processes (multiprocessing spawn children, not its resource tracker)."""
     children = open(f'/proc/{pid}/task/{pid}/children').read().split()
-    return [int(c) for c in children if 'spawn_main' in open(f'/proc/{c}/cmdline').read()]
+    def cmdline(c):
+        with contextlib.suppress(OSError):  # it ended meanwhile (importing torch runs ldconfig, for one)
+            return open(f'/proc/{c}/cmdline').read()
+        return ''
+    return [int(c) for c in children if 'spawn_main' in cmdline(c)]
 
 
 def alive(pid):
