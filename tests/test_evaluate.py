@@ -281,7 +281,7 @@ def test_the_random_init_floor_is_the_runs_own_initial_encoder(tmp_path):
     """evaluate.py's random-init kNN floor and the floor pretrain.py logs at step 0 are the same number (the same
     initial weights, bank and queries), so a user can read one beside the other."""
     argv = TINY + ['--out_dir', str(tmp_path / 'pre'), '--data_dir', str(tmp_path / 'data'), '--epochs', '1',
-                   '--val_images', '384', '--seed', '3']
+                   '--val_images', '384', '--knn_bank', '256', '--seed', '3']
     assert pretrain.main(argv) == 0
     logged = [json.loads(line) for line in open(tmp_path / 'pre' / 'log.jsonl')]
     floor = next(r for r in logged if r['event'] == 'knn' and r['what'].startswith('floor'))['top1']
