@@ -10,7 +10,7 @@
 #   bench.jsonl   a line per figure the moment it exists (bench.py): images/s and step time after warm-up, the
 #                 compile/warm-up seconds apart, MFU, peak memory, compile mode, CUDA graphs proven in use or not;
 #                 an error or a skip with its reason where there is one
-#   tests.jsonl   a line per CUDA test (tests/test_gpu*.py) as it ends
+#   tests.jsonl   a line per CUDA test (tests/test_gpu_ddp.py, then tests/test_gpu.py) as it ends
 #   profile.txt   the MAE step at batch 128 in the default compile mode, after warm-up: host and device time and
 #                 kernel launches per step, the top kernels, then torch.profiler's table (bench.jsonl: the summary)
 #   env.json      GPU, driver, torch, CUDA, Python; the compile cache and whether it was warm at the start
@@ -201,7 +201,7 @@ stage headline             85 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --
 stage rank64_default       55 "${BENCH[@]}" --figures mae --batch_sizes $RANK --compile_mode default
 stage rank64_graphs        40 "${BENCH[@]}" --figures mae --batch_sizes $RANK
 stage eager                25 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --compile false
-stage tests               110 env GPU_CHECK_OUT="$OUT" python3 -m pytest -q -p no:cacheprovider tests/test_gpu*.py
+stage tests               110 env GPU_CHECK_OUT="$OUT" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ddp.py tests/test_gpu.py
 stage batch1024            40 "${BENCH[@]}" --figures mae --batch_sizes $BIG
 stage others               80 "${BENCH[@]}" --figures smae,finetune,dino,loader,peer --batch_sizes $HEAD \
                                 --process_timeout $EACH
