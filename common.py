@@ -325,6 +325,7 @@ class Run:
                          else contextlib.nullcontext())
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.dtype == 'float16')
         self.out_dir, self.stop_signal, self._lock_fd, self._old_handlers = cfg.out_dir, 0, None, {}
+        self.in_loop = False  # set by a training loop as it starts: from then on a stop signal saves a checkpoint
         # what the run does differently from its config (on a CPU, a clipped warm-up): {name: (value, why)}
         self.effective = in_effect(cfg, self.cuda)
         # progress: every line goes through one lock; a thread prints the innermost active meter's line whenever
@@ -353,8 +354,10 @@ class Run:
         return self
 
     def _on_signal(self, signum, frame):
-        if not self.training or (self.stop_signal and signum == signal.SIGINT):
-            raise Stopped(signum)  # unwind now (finally blocks end worker processes); a second Ctrl-C too
+        if not (self.training and self.in_loop) or (self.stop_signal and signum == signal.SIGINT):
+            # unwind now (finally blocks end worker processes): no training script, or nothing to save yet (the data
+            # is still decoding, the kNN floor running: minutes for TIN's first decode), or a second Ctrl-C
+            raise Stopped(signum)
         self.stop_signal = signum    # a training loop saves a checkpoint after this step and exits 128 + signum
 
     def __exit__(self, exc_type, exc, tb):

@@ -467,6 +467,7 @@ def train(cfg, given, ck, mcfg, run):
     n_losses, step_logged, top1 = 0, step, None
     loss_now, entropy_now = (ck.get(k, float('nan')) if ck is not None else float('nan')  # the last logged values
                              for k in ('loss', 'teacher_entropy'))
+    run.in_loop = True  # from here on, SIGTERM or Ctrl-C saves a checkpoint after the current step
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):

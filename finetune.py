@@ -279,6 +279,7 @@ def train(cfg, given, ck, pre, run):
     net.train()
     t_start = t_log = time.time()
     loss_sum, n_losses, step_logged = torch.zeros((), device=device), 0, step
+    run.in_loop = True  # from here on, SIGTERM or Ctrl-C saves a checkpoint after the current step
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):

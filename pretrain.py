@@ -272,6 +272,7 @@ def train(cfg, given, ck, mcfg, critic, run):
     t_start = t_log = time.time()
     loss_sum, n_losses, step_logged, vl = torch.zeros((), device=device), 0, step, None
     loss_now = ck.get('loss', float('nan')) if ck is not None else float('nan')  # the last logged loss
+    run.in_loop = True  # from here on, SIGTERM or Ctrl-C saves a checkpoint after the current step
     while step < total_steps:
         epoch = step // steps_per_epoch
         for _, micro_batches in loader.epoch(epoch, start_step=step % steps_per_epoch):

@@ -531,6 +531,24 @@ def test_a_run_refused_after_taking_the_lock_leaves_no_folder_behind(script, ext
     assert not (tmp_path / 'new').exists(), "the refused run left the folders it created"
 
 
+def test_a_stop_signal_before_the_loop_ends_the_run_at_once_with_nothing_to_save(tiny, tmp_path, capsys, monkeypatch):
+    """SIGTERM while a run prepares (decoding a dataset, the kNN floor: minutes for TIN's first decode) ends it at
+    once, exit 143 and one line: there is nothing to save yet, and the same command starts it again."""
+    import evaluate
+
+    def slow_floor(*args, **kwargs):  # the signal arrives in the middle of the kNN floor
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)
+        raise AssertionError("the stop signal did not end the run")
+    monkeypatch.setattr(evaluate, 'knn_top1', slow_floor)
+    t0 = time.time()
+    code, _, err = cli_run(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch)
+    assert code == 143 and err == ['pretrain.py: stopped by SIGTERM'] and time.time() - t0 < 15
+    assert not (tmp_path / 'run' / 'ckpt.pt').exists()
+    monkeypatch.undo()
+    assert pretrain.main(tiny('--epochs', 1)) == 0  # the same command starts it again
+
+
 def test_sigterm_at_the_last_step_then_the_printed_command_finishes_the_run(tiny, tmp_path, straight, capsys,
                                                                            monkeypatch):
     """SIGTERM in the last step saves a checkpoint at the end of the schedule, before the end-of-run work; the
