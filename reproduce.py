@@ -765,12 +765,46 @@ def main(argv):
     rerun = ' '.join(filter(None, [given, './reproduce.sh', shlex.join(argv)]))
     scheduler = Scheduler(steps, int(env['JOBS']), launch, gpus, env['OUT'], mode, rerun,
                           tty=sys.stdout.isatty() and os.environ.get('TERM') != 'dumb')
+    if isinstance(sys.stdout, LosableStdout):  # (below: a stdout lost from now on is worth a line)
+        sys.stdout.steps_running = True
     return scheduler.run()
 
 
+class LosableStdout:
+    """sys.stdout whose reader may leave (`| head`) or whose device may fill up: the first failed write says so on
+    stderr and the rest of the output is dropped, while the steps run on (each has its log). The scripts have the
+    same guard (common.LosableStdout); this file imports nothing of theirs, to start at once without torch."""
+
+    def __init__(self, stream):
+        self.stream, self.lost, self.steps_running = stream, False, False  # (--help | head says nothing)
+
+    def write(self, text):
+        try:
+            return len(text) if self.lost else self.stream.write(text)
+        except OSError as e:
+            self.lost = True
+            with contextlib.suppress(OSError, ValueError):  # (so that Python's own flush at exit fails no more)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            if self.steps_running:
+                print(f"reproduce.sh: stdout is lost ({e.strerror}): the steps run on; each writes "
+                      f"<OUT>/logs/<step>.log", file=sys.stderr)
+            return len(text)
+
+    def flush(self):
+        with contextlib.suppress(OSError):
+            if not self.lost:
+                self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, ...: the real stream's
+        return getattr(self.stream, name)
+
+
 if __name__ == '__main__':
+    sys.stdout = LosableStdout(sys.stdout)
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
     except SettingError as e:
         print(f"reproduce.sh: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    sys.stdout.flush()
+    sys.exit(code)

@@ -329,6 +329,23 @@ def test_in_a_terminal_one_table_is_redrawn_in_place(fake):
     assert 'time left about' in text
 
 
+def test_a_reader_that_leaves_loses_the_output_not_the_study(fake):
+    """`./reproduce.sh quick | head -1`: the scheduler's stdout breaks at once; one line on stderr says so, and every
+    step still runs to its end (each has its log), exit 0; `--help | head -1` is silent."""
+    scheduler = subprocess.Popen(['bash', os.path.join(ROOT, 'reproduce.sh'), 'quick'], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=fake.env)
+    scheduler.stdout.readline()
+    scheduler.stdout.close()  # what `| head -1` does
+    err = scheduler.stderr.read()
+    assert scheduler.wait(timeout=120) == 0, err
+    assert err.strip().splitlines() == ["reproduce.sh: stdout is lost (Broken pipe): the steps run on; each writes "
+                                        "<OUT>/logs/<step>.log"]
+    assert all((fake.out / step / 'results.json').exists() for step in ('critic', 'mae_random', 'sweep_mask50_probe'))
+    helped = subprocess.run(f"bash {os.path.join(ROOT, 'reproduce.sh')} --help | head -1", shell=True,
+                            capture_output=True, text=True)
+    assert helped.stderr == '' and helped.stdout.startswith('The whole study')
+
+
 def test_help_prints_the_usage_and_every_setting_with_its_default():
     done = subprocess.run(['bash', os.path.join(ROOT, 'reproduce.sh'), '--help'], capture_output=True, text=True)
     assert done.returncode == 0 and './reproduce.sh quick ' in done.stdout and '--list' in done.stdout
