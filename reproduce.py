@@ -567,8 +567,10 @@ class Scheduler:
         try:
             sys.stdout.write(text)
             sys.stdout.flush()
-        except OSError:  # stdout went away (a closed pipe, a full disk): the steps run on, their logs hold everything
+        except OSError as e:  # stdout went away (a closed pipe, a full disk): the steps run on, their logs hold all
             sys.stdout, self.tty, self.drawn = open(os.devnull, 'w'), False, 0
+            print(f"reproduce.sh: stdout is lost ({e.strerror}): the steps run on; each writes <OUT>/logs/<step>.log",
+                  file=sys.stderr)
 
     def erase(self):
         if self.drawn:
@@ -765,46 +767,16 @@ def main(argv):
     rerun = ' '.join(filter(None, [given, './reproduce.sh', shlex.join(argv)]))
     scheduler = Scheduler(steps, int(env['JOBS']), launch, gpus, env['OUT'], mode, rerun,
                           tty=sys.stdout.isatty() and os.environ.get('TERM') != 'dumb')
-    if isinstance(sys.stdout, LosableStdout):  # (below: a stdout lost from now on is worth a line)
-        sys.stdout.steps_running = True
     return scheduler.run()
 
 
-class LosableStdout:
-    """sys.stdout whose reader may leave (`| head`) or whose device may fill up: the first failed write says so on
-    stderr and the rest of the output is dropped, while the steps run on (each has its log). The scripts have the
-    same guard (common.LosableStdout); this file imports nothing of theirs, to start at once without torch."""
-
-    def __init__(self, stream):
-        self.stream, self.lost, self.steps_running = stream, False, False  # (--help | head says nothing)
-
-    def write(self, text):
-        try:
-            return len(text) if self.lost else self.stream.write(text)
-        except OSError as e:
-            self.lost = True
-            with contextlib.suppress(OSError, ValueError):  # (so that Python's own flush at exit fails no more)
-                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            if self.steps_running:
-                print(f"reproduce.sh: stdout is lost ({e.strerror}): the steps run on; each writes "
-                      f"<OUT>/logs/<step>.log", file=sys.stderr)
-            return len(text)
-
-    def flush(self):
-        with contextlib.suppress(OSError):
-            if not self.lost:
-                self.stream.flush()
-
-    def __getattr__(self, name):  # isatty, fileno, ...: the real stream's
-        return getattr(self.stream, name)
-
-
 if __name__ == '__main__':
-    sys.stdout = LosableStdout(sys.stdout)
     try:
         code = main(sys.argv[1:])
     except SettingError as e:
         print(f"reproduce.sh: error: {e}", file=sys.stderr)
         code = 2
-    sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`, `--list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's flush at exit fails no more)
+        code = 0
     sys.exit(code)
