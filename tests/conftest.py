@@ -67,6 +67,19 @@ def keep_first_checkpoint(dest):
         common.save_atomic = real_save
 
 
+def signal_as_the_loop_starts(monkeypatch, signum):
+    """Deliver `signum` to the run's handler the moment its training loop starts (Run.in_loop set): as if it arrived
+    during the first step. (Before that, a signal unwinds at once: there is nothing to save yet.)"""
+    import common
+
+    def set_in_loop(self, value):
+        self.__dict__['in_loop'] = value
+        if value:
+            self._on_signal(signum, None)
+    monkeypatch.setattr(common.Run, 'in_loop', property(lambda self: self.__dict__.get('in_loop', False), set_in_loop),
+                        raising=False)
+
+
 def pytest_runtest_logreport(report):
     """With GPU_CHECK_OUT set (gpu_check.sh), one JSON line per test as it finishes, so a cut-short check keeps its
     results."""

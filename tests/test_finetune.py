@@ -13,7 +13,7 @@ import common
 import finetune
 import model as M
 import pretrain
-from conftest import keep_first_checkpoint, script_argv
+from conftest import keep_first_checkpoint, script_argv, signal_as_the_loop_starts
 from test_reliability import one_line_error, run_cli
 
 
@@ -131,13 +131,7 @@ def test_resume_is_bit_identical(ft, pre, tmp_path):
 
 
 def test_sigterm_saves_and_exits_preempted(ft, tmp_path, monkeypatch):
-    real_enter = common.Run.__enter__
-
-    def signalled(self):  # as if SIGTERM arrived during the first step
-        real_enter(self)
-        self._on_signal(signal.SIGTERM, None)
-        return self
-    monkeypatch.setattr(common.Run, '__enter__', signalled)
+    signal_as_the_loop_starts(monkeypatch, signal.SIGTERM)  # as if SIGTERM arrives during the first step
     assert finetune.main(ft('--epochs', 2)) == 128 + signal.SIGTERM
     ck = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert ck['step'] == 1 and not (tmp_path / 'run' / 'results.json').exists()

@@ -9,7 +9,7 @@ import torch
 import common
 import model as M
 import pretrain
-from conftest import keep_first_checkpoint, script_argv
+from conftest import keep_first_checkpoint, script_argv, signal_as_the_loop_starts
 
 
 def records(out, event):
@@ -131,13 +131,7 @@ def test_a_default_warmup_longer_than_the_run_is_clipped_with_a_line(tmp_path, c
 
 def test_benchmark_mode_stops_on_a_signal(tiny, monkeypatch):
     import signal
-    real_enter = common.Run.__enter__
-
-    def signalled(self):  # as if SIGTERM (a timeout, a scheduler) arrived as the benchmark started
-        real_enter(self)
-        self._on_signal(signal.SIGTERM, None)
-        return self
-    monkeypatch.setattr(common.Run, '__enter__', signalled)
+    signal_as_the_loop_starts(monkeypatch, signal.SIGTERM)  # a timeout or a scheduler, as the benchmark starts
     assert pretrain.main(tiny('--bench_steps', 1000, '--bench_warmup', 1)) == 128 + signal.SIGTERM
 
 
