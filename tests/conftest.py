@@ -80,6 +80,18 @@ def signal_as_the_loop_starts(monkeypatch, signum):
                         raising=False)
 
 
+# The README's command runs the suite with `-n 2 --dist loadscope`: each test file runs whole on one worker, so
+# that its module fixtures (a reference run, a checkpoint) are made once, not once per worker. The slowest files go
+# first, so that at the end the small ones fill in while the other worker finishes.
+SLOW_FILES_FIRST = ['test_reliability.py', 'test_ddp.py', 'test_bench.py', 'test_readme.py', 'test_evaluate.py',
+                    'test_dino.py']
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_runtest_logreport(report):
     """With GPU_CHECK_OUT set (gpu_check.sh), one JSON line per test as it finishes, so a cut-short check keeps its
     results."""

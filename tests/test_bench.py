@@ -141,13 +141,13 @@ def test_profile_starts_after_warm_up_and_writes_a_summary_and_the_table(tmp_pat
 def test_profile_stopped_by_a_time_limit_still_writes_what_it_profiled(tmp_path):
     """gpu_check.sh stops the profile at its limit with SIGTERM: the step loop ends, and the summary and table of
     the steps profiled so far are still written, with exit 128 + SIGTERM."""
-    proc = start('bench.py', PROFILE + ['--batch_sizes', '8', '--warmup', '0', '--steps', '100000',
+    proc = start('bench.py', PROFILE + ['--batch_sizes', '64', '--warmup', '0', '--steps', '100000',
                                         '--out_dir', str(tmp_path)])
     for line in proc.stdout:  # the pretrain.py banner ends with the config line: its loop is about to start
         if line.startswith('config:'):
             break
-    time.sleep(1)  # past the 2 profiler warm-up steps (a step takes about 0.05 s here); not much more: turning the
-    # profiled steps into tables takes about 0.5 s each on a CPU
+    time.sleep(1)  # past the 2 profiler warm-up steps (about 0.1 s each at batch 64 here); not many steps more:
+    # turning each profiled step into tables takes about 0.5 s on a CPU
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

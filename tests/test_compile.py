@@ -25,7 +25,9 @@ def counted(monkeypatch):
     torch._dynamo.reset()
 
 
-RUN = ('--epochs', 2, '--warmup_epochs', 1, '--ckpt_every', 1, '--picture_every', 1, '--log_every', 3)
+# 64 images in batches of 32: 2 steps an epoch, 4 in all; after the first (compiled) step come an lr change each
+# step, a checkpoint with its val pass, picture and kNN, and an epoch boundary
+RUN = ('--subset', 64, '--epochs', 2, '--warmup_epochs', 1, '--ckpt_every', 1, '--picture_every', 1, '--log_every', 3)
 
 
 def test_pretrain_step_is_one_graph(counted, tiny):

@@ -187,7 +187,9 @@ GROUPS = {'all': ['pretrain', 'smae-accum', 'finetune-accum', 'dino-accum', 'pre
 
 def random_critic(tmp_path):
     import bench
-    args = bench.command(common.configure(vars(bench), [])[0], 'smae', 32, str(tmp_path))[1]
+    with torch.random.fork_rng():  # the same critic whatever ran before in this process
+        torch.manual_seed(0)
+        args = bench.command(common.configure(vars(bench), [])[0], 'smae', 32, str(tmp_path))[1]
     return args[args.index('--critic') + 1]  # the random SqueezeNet critic bench.py's SMAE job writes
 
 
@@ -212,9 +214,13 @@ def test_two_ranks_give_the_weights_of_one_process(group, tmp_path):
     ranks run the cases one after the other; the one-process runs happen here meanwhile). The first step's averaged
     gradient agrees to 1e-4 relative, which a missing division by the world size or a gradient left un-reduced
     would miss by 50% or more (AdamW's update is nearly blind to a gradient's scale, so the weights alone would not
-    show a missing division); the final weights agree to 2e-5: AdamW moves a weight by up to one lr (3e-5 to 1.25e-4
-    here) a step, and the ranks' means of half batches differ from the whole batch's mean only by float rounding
-    (~1e-7 relative), which the normalised update magnifies only for gradients near its eps."""
+    show a missing division). The final weights agree to 2e-5 nearly everywhere: AdamW moves a weight by up to one
+    lr (3e-5 to 1.25e-4 here) a step, and the ranks' means of half batches differ from the whole batch's mean only
+    by float rounding (~1e-7 relative), which the normalised update magnifies only for gradients near its eps; there
+    a weight can move by up to an lr either way, so a few weights in a million may differ by more (SMAE's critic
+    makes such gradients: 25 of 4M weights differed by up to 2.8e-5 with one random critic). So: all but 1e-4 of the
+    weights within 2e-5, and a mean difference under 1e-6. Steps on half batches, as ranks that never averaged
+    would take, moved half the weights by more than 2e-5 and all by 5.5e-5 on average (measured once)."""
     cases = {name: case(name, tmp_path) for name in GROUPS[group]}
     procs = launch([dict(name=name, script=module.__name__, argv=argv + ['--out_dir', str(tmp_path / name / 'two')],
                          compiled=compiled) for name, (module, argv, _, compiled) in cases.items()], str(tmp_path))
@@ -250,8 +256,10 @@ def test_two_ranks_give_the_weights_of_one_process(group, tmp_path):
             f"{name}: the ranks' averaged gradient is not the one process's"
         two, one = final_weights(tmp_path / name / 'two'), final_weights(tmp_path / name / 'one')
         assert set(two) == set(one), name
-        for key in one:
-            assert torch.allclose(two[key], one[key], atol=2e-5), f"{name}: {key}"
+        diff = torch.cat([(two[key] - one[key]).abs().flatten().double() for key in one])
+        far = (diff > 2e-5).double().mean().item()
+        assert far < 1e-4 and diff.mean() < 1e-6, \
+            f"{name}: {far:.1e} of the weights differ by more than 2e-5, by {diff.mean():.1e} on average"
         start = [json.loads(line) for line in open(tmp_path / name / 'two' / 'log.jsonl') if '"start"' in line]
         assert [(r['world_size'], r['backend']) for r in start] == [(2, 'gloo')], name  # only rank 0 writes
 

@@ -25,7 +25,7 @@ import probe
 from conftest import script_argv
 
 CUDA = torch.cuda.is_available()
-SMALL = [] if CUDA else ['--img_size', '32', '--patch_size', '8', '--subset', '128', '--batch_size', '32',
+SMALL = [] if CUDA else ['--img_size', '32', '--patch_size', '8', '--subset', '64', '--batch_size', '32',
                          '--val_images', '64', '--knn_bank', '64', '--max_images', '64', '--use_lpips', 'false']
 DEMO = ['--dataset', 'demo', '--warmup_epochs', '1', '--log_every', '5', '--knn_bank', '512']
 

@@ -70,27 +70,47 @@ def test_readme_paper_numbers_are_reproduce_sh_numbers():
     assert in_script and in_script <= in_readme, f"reproduce.sh numbers missing from the README: {in_script - in_readme}"
 
 
-def test_reproduce_quick_runs_the_whole_path_and_skips_finished_steps(tmp_path):
-    # two of the study's chains, through every script the study runs but dino.py (one variant: every variant runs
-    # the same function): the critic, SMAE pre-training on it, its transfer to CUB; a sweep pre-training, its probe
-    env = dict(os.environ, OUT=str(tmp_path / 'study'), DATA_DIR=str(tmp_path / 'data'), RATIOS='75',
-               VARIANTS='smae_block50', PYTHONPATH=ROOT)
+def test_reproduce_quick_runs_the_whole_path_side_by_side_with_the_figures_of_one_at_a_time(tmp_path):
+    """Two of the study's chains with JOBS=2, through every script the study runs but dino.py (one variant: every
+    variant runs the same function): the critic, SMAE pre-training on it, its transfer to CUB; a sweep pre-training,
+    its probe. The two chains start side by side, and the sweep's pre-training run again alone with JOBS=1 gives the
+    same figures to the last bit: each CPU job has one thread whatever JOBS is (a float reduction's result depends
+    on the number of threads). A rerun skips every finished step."""
+    def quick(out, jobs, *steps, timeout=600):
+        env = dict(os.environ, OUT=str(tmp_path / out), DATA_DIR=str(tmp_path / 'data'), RATIOS='75',
+                   VARIANTS='smae_block50', PYTHONPATH=ROOT, JOBS=jobs, CUDA_VISIBLE_DEVICES='')
+        env.pop('OMP_NUM_THREADS', None)  # the scheduler's own choice
+        proc = subprocess.run(['bash', os.path.join(ROOT, 'reproduce.sh'), 'quick', *steps], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
     wanted = ['smae_block50_ft_cub', 'sweep_mask75_probe']  # and the steps they need
-    proc = subprocess.run(['bash', os.path.join(ROOT, 'reproduce.sh'), 'quick', *wanted], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = quick('study', '2', *wanted).splitlines()
+    first_done = next(i for i, line in enumerate(lines) if ': done in ' in line)
+    assert all(any(f'== {s}: running' in line for line in lines[:first_done]) for s in ('critic', 'sweep_mask75'))
     table = open(tmp_path / 'study' / 'RESULTS.md').read()
     steps = ['critic', 'smae_block50', 'smae_block50_ft_cub', 'sweep_mask75', 'sweep_mask75_probe']
     for s in steps:
         assert re.search(rf'^\| {s} \|', table, re.M), f"{s} missing from RESULTS.md"
         assert os.path.exists(tmp_path / 'study' / s / 'results.json')
+        start = next(r for r in map(json.loads, open(tmp_path / 'study' / s / 'log.jsonl')) if r['event'] == 'start')
+        assert start['device'] == 'cpu (1 threads)', s
     assert '| 47.50 |' in table and '| 32.04 |' in table  # the study's numbers beside ours
     # the SMAE run used the critic trained before it
     smae = json.load(open(tmp_path / 'study' / 'smae_block50' / 'results.json'))
     assert smae['config']['critic'].endswith('critic/ckpt.pt') and smae['alpha'] == 0.5
-    again = subprocess.run(['bash', os.path.join(ROOT, 'reproduce.sh'), 'quick', *wanted], env=env, capture_output=True,
-                           text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count('done, skipped') == len(steps)
+
+    quick('alone', '1', 'sweep_mask75')
+
+    def figures(out):  # the RESULTS.md figure, and the val loss to the last bit
+        table = open(tmp_path / out / 'RESULTS.md').read()
+        row = re.search(r'^\| sweep_mask75 \|.*\| ([\d.]+) \| [\d.]+ min \|$', table, re.M)
+        return row.group(1), json.load(open(tmp_path / out / 'sweep_mask75' / 'results.json'))['val_loss']
+    assert figures('alone') == figures('study')
+
+    again = quick('study', '2', *wanted, timeout=120)
+    assert again.count('done, skipped') == len(steps)
 
 
 def test_shared_names_table_says_which_script_has_which():

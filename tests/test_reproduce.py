@@ -1,8 +1,8 @@
 """reproduce.sh's scheduler: the study's steps and what each needs, longest chains first, a failure that stops only
 its dependents, a stop at any moment (Ctrl-C, SIGTERM, kill -9) that leaves no process behind and a rerun that skips
-what finished and resumes what was interrupted, a lock held by another process, GPUs round-robin, and the same
-figures with JOBS=2 as with JOBS=1. Most tests run the real scheduler through reproduce.sh with a stand-in for the
-training scripts (FAKE below, given as LAUNCH), so that they take seconds; one runs the real scripts."""
+what finished and resumes what was interrupted, a lock held by another process, GPUs round-robin. The tests run the
+real scheduler through reproduce.sh with a stand-in for the training scripts (FAKE below, given as LAUNCH), so that
+they take seconds; tests/test_readme.py runs the real scripts (and the same figures with JOBS=2 as with JOBS=1)."""
 import fcntl
 import json
 import os
@@ -401,30 +401,3 @@ def test_the_cost_model_uses_the_flops_the_scripts_count():
     net = dino.build(cfg, dcfg, size)
     assert dino.flops_per_image(net, 64, size, dcfg.local_crops_number, 'cpu') / 1e9 == pytest.approx(
         reproduce.GFLOP['dino'], rel=1e-3)
-
-
-# --- the real scripts ----------------------------------------------------------------------------------------------
-
-def test_jobs_2_gives_the_figures_of_jobs_1(tmp_path):
-    """Two real pre-trainings of the quick study side by side give the figures they give one after the other: each
-    CPU job has one thread whatever JOBS is (a float reduction's result depends on the number of threads)."""
-    figures = {}
-    for jobs in ('1', '2'):
-        out = tmp_path / f'jobs{jobs}'
-        env = dict(os.environ, OUT=str(out), DATA_DIR=str(tmp_path / 'data'), JOBS=jobs, CUDA_VISIBLE_DEVICES='')
-        env.pop('OMP_NUM_THREADS', None)  # the scheduler's own choice
-        done = subprocess.run(['bash', os.path.join(ROOT, 'reproduce.sh'), 'quick', 'sweep_mask50', 'sweep_mask90'],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        lines = done.stdout.splitlines()
-        first_done = next(i for i, line in enumerate(lines) if ': done in ' in line)
-        side_by_side = all(any(f'== {s}: running' in line for line in lines[:first_done])
-                           for s in ('sweep_mask50', 'sweep_mask90'))
-        assert side_by_side == (jobs == '2')
-        table = open(out / 'RESULTS.md').read()
-        figures[jobs] = re.findall(r'^\| (\S+) \|.*\| ([\d.]+) \| [\d.]+ min \|$', table, re.M)
-        for s in ('sweep_mask50', 'sweep_mask90'):
-            start = json.loads(open(out / s / 'log.jsonl').readline())
-            assert start['device'] == 'cpu (1 threads)'
-            figures[jobs].append(json.load(open(out / s / 'results.json'))['val_loss'])  # to the last bit
-    assert len(figures['1']) == 4 and figures['1'] == figures['2']
