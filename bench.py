@@ -21,6 +21,7 @@ MFU, peak memory, the compile/warm-up seconds before the first timed step (apart
 mode, and whether CUDA graphs were in use (proven after warm-up: where the mode asks for them and they are not in
 use, the figure is an error). A Markdown table of this run's figures is printed at the end.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -69,9 +70,9 @@ NO_TRANSFORMERS = "transformers is not installed"
 
 
 def append_line(path, record):
-    """One JSON line appended to `path` (a figure is kept the moment it exists, whatever happens next)."""
-    with open(path, 'a') as f:
-        f.write(json.dumps(record, default=str) + '\n')
+    """One JSON line appended to `path` (a figure is kept the moment it exists, whatever happens next); a full disk
+    is one line, and the earlier lines are kept."""
+    common.append_line(path, json.dumps(record, default=str))
 
 
 def measure(script, args, timeout):
@@ -180,29 +181,45 @@ def stop(signum, frame):
     raise KeyboardInterrupt
 
 
+# what bench.py writes into its out_dir, each with how its own file begins: a file of that name that does not is
+# someone else's, and bench.py leaves it alone (bench.jsonl is appended to, the others are replaced)
+OWN_FILES = {'bench.jsonl': '{"figure": ', 'profile.txt': "pretrain.py's MAE step", 'summary.md': '# GPU check'}
+
+
 def check_out_dir(cfg):
-    """The out_dir is a folder (made here if missing, but for a summary); anything else is one line, before anything
-    is written."""
+    """The out_dir is a folder (made when locked, but for a summary, which reads one); anything else is one line,
+    before anything is written."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise common.UserError(f"--out_dir {cfg.out_dir} is a file, not a folder: choose another --out_dir")
     if cfg.only == 'summary' and not os.path.isdir(cfg.out_dir):
         raise common.UserError(f"--out_dir {cfg.out_dir} does not exist: pass the folder of a gpu_check.sh run")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    except OSError as e:
-        raise common.UserError(f"--out_dir {cfg.out_dir} cannot be made ({e.strerror}): choose another --out_dir") \
-            from None
+
+
+def check_own_files(cfg):
+    """Every file of OWN_FILES' names in the out_dir was written by bench.py (it begins as ours do): a user's
+    profile.txt or bench.jsonl is never replaced or appended to. Called with the out_dir locked."""
+    for name, start in OWN_FILES.items():
+        path = os.path.join(cfg.out_dir, name)
+        if not os.path.lexists(path):
+            continue
+        head = b''
+        with contextlib.suppress(OSError):
+            with open(path, 'rb', opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+                head = f.read(len(start.encode()))
+        if not os.path.isfile(path) or (head and head != start.encode()):
+            raise common.UserError(f"{path} was not written by bench.py (it does not begin as bench.py's {name} "
+                                   f"does): bench.py never replaces another's file; choose another --out_dir")
 
 
 def main(argv=None):
     cfg, _ = common.configure(globals(), argv)
     if cfg.only in ('', 'summary', 'profile'):  # (a figure timed for another bench.py writes nothing itself)
         check_out_dir(cfg)
-    if cfg.only == 'summary':
-        return summary(cfg)
-    if cfg.only == 'profile':
-        return profile(cfg)
-    if cfg.only:  # one figure, in this fresh process: its loop returns (label, images timed, bench_start's, mode)
+        with common.out_dir_locked(cfg.out_dir, 'bench'):  # one bench.py writing here at a time
+            check_own_files(cfg)
+            return summary(cfg) if cfg.only == 'summary' else profile(cfg) if cfg.only == 'profile' else time_figures(cfg)
+    # one figure, in this fresh process: its loop returns (label, images timed, bench_start's, mode)
+    if cfg.only:
         batch = int(cfg.batch_sizes)
         with common.Run(cfg, 'bench', lock=False, training=False) as run:
             timed = {'peer': time_transformers_peer, 'loader': loader_rate}[cfg.only]
@@ -213,6 +230,10 @@ def main(argv=None):
         print("BENCH_JSON " + json.dumps(dict(label=label, images_per_s=images / dt, step_ms=1000 * dt * batch / images,
                                               batch_size=batch, compile_mode=mode or 'eager', **known)))
         return 0
+
+
+def time_figures(cfg):
+    """Each figure of --figures in a fresh process, appended to bench.jsonl as it comes; a table at the end."""
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device)
     name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'
     shown = {k: common.shown_value(*v) for k, v in common.in_effect(cfg, dev.type == 'cuda').items()}  # (CPU: float32)

@@ -328,6 +328,8 @@ class Run:
         self.in_loop = False  # set by a training loop as it starts: from then on a stop signal saves a checkpoint
         # what the run does differently from its config (on a CPU, a clipped warm-up): {name: (value, why)}
         self.effective = in_effect(cfg, self.cuda)
+        if getattr(cfg, 'device', None) == 'auto':
+            self.effective['device'] = (str(self.device), 'auto')
         # progress: every line goes through one lock; a thread prints the innermost active meter's line whenever
         # Progress.every seconds pass without one (the bottom meter is the run itself)
         self._print_lock, self._last_line = threading.RLock(), time.monotonic()
@@ -438,6 +440,13 @@ class Run:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def taken(self, why, **values):
+        """Values the run took for names left at their "from elsewhere" default ('' or 0: the checkpoint's, the
+        preset's, the recipe's), shown in the config line as `img_size=64 (the preset's)`: what is in effect."""
+        for name, value in values.items():
+            if getattr(self.cfg, name, None) in ('', 0) and value not in ('', 0, None):
+                self.effective[name] = (value, why)
+
     def banner(self, extra):
         """The start record and its lines: versions and device, the config as in effect (a value that differs from the
         one asked for is followed by why: `dtype=float32 (bfloat16 on CUDA)`), and the script's `extra` facts."""
@@ -458,7 +467,8 @@ class Run:
 # temporary files (the name + '.tmp.' + the writing process's id, see save_atomic) a later run of it cleans up.
 OUTPUTS = {'pretrain': r'ckpt\.pt|results\.json|curves\.png|recon_ep\d{4}\.png',
            'dino': r'ckpt\.pt|results\.json|curves\.png', 'finetune': r'ckpt\.pt|results\.json|curves\.png',
-           'probe': r'ckpt\.pt|results\.json', 'evaluate': r'eval\.json|eval\.md|recon\.png'}
+           'probe': r'ckpt\.pt|results\.json', 'evaluate': r'eval\.json|eval\.md|recon\.png',
+           'bench': r'profile\.txt|summary\.md'}
 _held = {}  # real path of an out_dir -> [its lock, how many holders in this process]
 
 
@@ -750,6 +760,21 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
+def save_checkpoint(ck, out_dir):
+    """<out_dir>/ckpt.pt, written atomically. A results.json beside it (of a finished run that a resume trains
+    further) no longer describes it and is removed: only results.json marks a run finished, so from this write on
+    the folder is a run to resume, never a "finished" one whose checkpoint has moved on. (Until this write, a
+    failed resume leaves the finished run as it was.)"""
+    save_atomic(ck, os.path.join(out_dir, 'ckpt.pt'))
+    results = os.path.join(out_dir, 'results.json')
+    if os.path.exists(results):
+        try:
+            os.remove(results)
+        except OSError as e:
+            raise UserError(f"cannot remove {results} ({e.strerror}), the summary of the run before this resume: "
+                            f"remove it by hand, then resume again") from None
+
+
 def append_line(path, line):
     """Append one line to a log (log.jsonl). A full disk is one line (a UserError), and the log is cut back to its
     earlier lines: never a half-written last line."""
@@ -952,7 +977,17 @@ def check_out_dir(cfg, given, kind, fixed, checks=()):
         raise UserError(f"{path} is a directory, not a checkpoint: choose another --out_dir")
     if not cfg.resume:
         if os.path.lexists(path):
+            there = None  # whose checkpoint, to say what --resume true would do (nothing, for another's or a finished run)
+            with contextlib.suppress(Exception):
+                there = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('kind')
+            if there and there != kind:
+                raise UserError(f"{path} already holds a {there}.py run: choose another --out_dir (each run has its own)")
+            if os.path.exists(os.path.join(cfg.out_dir, 'results.json')):
+                raise UserError(f"{path} already holds a finished run (results.json is beside it): choose another --out_dir, or "
+                                f"train it further with --resume true --epochs N")
             raise UserError(f"{path} already holds a checkpoint: pass --resume true to continue that run, or choose another --out_dir")
+        if int(os.environ.get('RANK', 0)) == 0:  # (the other ranks write nothing)
+            check_own_outputs(cfg.out_dir, kind)
         return None, cfg
     if not os.path.exists(path):
         raise UserError(f"--resume true but there is no checkpoint at {path}: run without --resume to start fresh")
@@ -977,8 +1012,19 @@ def check_out_dir(cfg, given, kind, fixed, checks=()):
     for test, message in checks:
         if not test(SimpleNamespace(**merged)):
             raise UserError(f"{message.format(**merged)} (with the config stored in {path})")
+    if 'warmup_epochs' in given and merged['warmup_epochs'] >= merged['epochs']:  # configure's rule, on this run's epochs
+        raise UserError(f"--warmup_epochs {merged['warmup_epochs']} is not shorter than the run's {merged['epochs']} "
+                        f"epoch{'s' * (merged['epochs'] != 1)}: the lr would never reach its peak; choose fewer than "
+                        f"{merged['epochs']} (or pass --epochs N to train it longer)")
+    world, accum = int(os.environ.get('WORLD_SIZE', 1)), merged.get('accum_steps')
+    if accum and merged['batch_size'] % (world * accum):  # configure's rule, on the run's batch (fixed on resume)
+        fits = [a for a in range(1, merged['batch_size'] + 1) if merged['batch_size'] % (world * a) == 0]
+        raise UserError(f"the run's batch of {merged['batch_size']} does not split into {world} process"
+                        f"{'es' * (world > 1)} x --accum_steps {accum} equal micro-batches: choose --accum_steps from "
+                        f"{', '.join(map(str, fits[:8]))}" + (" or another number of processes" if world > 1 else ""))
     done, epochs = ck['epoch'], merged['epochs']
-    if done >= epochs and os.path.exists(os.path.join(cfg.out_dir, 'results.json')):
+    results = os.path.join(cfg.out_dir, 'results.json')
+    if done >= epochs and os.path.exists(results):
         raise UserError(f"{path} is a finished run of {old['epochs']} epochs: nothing to resume; to train it "
                         f"further pass --epochs N with N > {done:g}, or choose another --out_dir")
     if done > epochs:
@@ -992,7 +1038,72 @@ def check_out_dir(cfg, given, kind, fixed, checks=()):
         if done == epochs:
             print(f"resume: {path} is at the end of its {epochs} epochs but the run has no results.json (it stopped "
                   f"before its end-of-run work): finishing it")
+        if os.path.exists(results):
+            print(f"resume: training the finished {old['epochs']}-epoch run on to {epochs} epochs; its results.json is "
+                  f"removed at the first checkpoint (it would no longer describe ckpt.pt) and written again at the end")
     return ck, SimpleNamespace(**merged)
+
+
+def log_scripts(path):
+    """The scripts that wrote into a log.jsonl (each run's first record, 'start', names its script)."""
+    scripts = set()
+    with open(path, errors='replace') as f:
+        for line in f:
+            with contextlib.suppress(ValueError, AttributeError):  # a line cut short by a kill, or not JSON at all
+                record = json.loads(line)
+                if record.get('event') == 'start':
+                    scripts.add(record.get('script'))
+    return scripts
+
+
+def check_own_outputs(out_dir, script):
+    """A fresh run writes into a folder that holds none of the files it writes (log.jsonl and OUTPUTS[script]), or
+    only those of an earlier run of the same script there (its log.jsonl says so): it never overwrites or appends to
+    a file another script or the user made. Called with the out_dir locked, before anything is written."""
+    pattern = re.compile(OUTPUTS[script] + r'|log\.jsonl')
+    clash = sorted(name for name in os.listdir(out_dir) if pattern.fullmatch(name)) if os.path.isdir(out_dir) else []
+    log = os.path.join(out_dir, 'log.jsonl')
+    if not clash or (os.path.isfile(log) and log_scripts(log) == {script}):
+        return
+    whose = (f"its log.jsonl is {' and '.join(sorted(f'{s}.py' for s in log_scripts(log)) or ['no run'])}'s"
+             if os.path.isfile(log) else f"no {script}.py log.jsonl beside them")
+    raise UserError(f"out_dir {out_dir} holds {', '.join(clash[:4])}{' ...' if len(clash) > 4 else ''}, which "
+                    f"{script}.py did not write ({whose}): a run never overwrites another's files; choose another "
+                    f"--out_dir")
+
+
+@contextlib.contextmanager
+def restoring(path):
+    """Around a resume's restore of weights, optimizer, scaler and RNG state from the checkpoint at `path`: a part
+    that does not fit this run (a weight missing or of another shape, an optimizer state of another layout or size,
+    an RNG state of another size) is one UserError naming the file, not a traceback from inside torch."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError, IndexError, TypeError) as e:
+        why = ' '.join(str(e).split())[:240] or type(e).__name__
+        raise UserError(f"{path} is damaged or does not fit this run ({why}); start afresh in another --out_dir, or "
+                        f"resume from an intact copy") from None
+
+
+def load_optimizer(optimizer, state):
+    """optimizer.load_state_dict, then every per-parameter state tensor checked against its parameter's shape (torch
+    does not check it: a wrong one would fail inside the first training step). Use inside restoring()."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(f"the optimizer's {name!r} has shape {tuple(value.shape)} for a parameter of "
+                                     f"shape {tuple(p.shape)}")
+
+
+def check_resume_step(ck, steps_per_epoch, images, path):
+    """The checkpoint's step and epoch must agree at this run's steps per epoch: a damaged checkpoint, or training
+    data that changed size since it was written, would otherwise resume at a wrong point of the schedule."""
+    if abs(ck['step'] - ck['epoch'] * steps_per_epoch) > 0.5:
+        raise UserError(f"{path}: its step {ck['step']} is not its epoch {ck['epoch']:g} at this run's {steps_per_epoch} "
+                        f"steps an epoch ({images:,} training images): the checkpoint is damaged, or the training data "
+                        f"changed since it was written; restore the data, or start afresh in another --out_dir")
 
 
 def resume_command(script, out_dir):
@@ -1141,6 +1252,11 @@ class Progress:
         self._weighted_rates = self._weighted_rates * decay + weight * count / dt
         self._weights = self._weights * decay + weight
         self._t_last, self._done_last, self._intervals = now, done, self._intervals + 1
+
+    def skip(self):
+        """The time since the last update went to other work (an evaluation, a checkpoint): it is left out of the
+        rate, whose next interval starts now."""
+        self._t_last = self.clock()
 
     def rate(self):
         """The smoothed rate in `unit` per second (count x per), or None before the first update."""

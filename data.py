@@ -149,6 +149,15 @@ def _read_rows(name, data_dir, root, rel, columns):
     return rows
 
 
+def _utf8(name):
+    """Whether a file name read from the disk is UTF-8 text (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode('utf-8')
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _bad_files(root, bad, what):
     shown = ', '.join(bad[:20]) + (f' and {len(bad) - 20} more' if len(bad) > 20 else '')
     return DataError(f"{len(bad)} {what} image file(s) under {root}: {shown}; replace them "
@@ -182,6 +191,10 @@ def _list_tin(data_dir, root, split):
                 names = sorted(e.name for e in os.scandir(d) if e.name.lower().endswith(('.jpeg', '.jpg', '.png')))
             except OSError as e:
                 raise DataError(f"cannot read {d} ({e.strerror}): check its permissions") from None
+            odd = [n for n in names if not _utf8(n)]
+            if odd:  # (an image's name goes into the cache's signature, and into messages, as UTF-8)
+                raise _damaged(d, None, f"the file name {odd[0].encode(errors='surrogateescape')!r} is not UTF-8 text "
+                                        f"({len(odd)} such name(s)): rename it")
             if not names:  # a class the model could never learn: a copy cut short, not a choice
                 raise _damaged(d, None, f"no images, though {os.path.join(root, 'wnids.txt')} line {line_of[w]} "
                                         f"lists class {w}")
@@ -280,6 +293,12 @@ def _cub_classes(data_dir, root, images, labels):
     if empty:
         raise _damaged(labels_path, None, f"no image has class id {empty[0] + 1}, though the ids run to "
                                           f"{len(classes)} ({len(empty)} such id(s))")
+    # each image lies in its class's folder (images/<class name>/...): a label that contradicts it is a wrong row
+    for i, (line, label) in sorted(labels.items(), key=lambda kv: kv[1][0]):
+        where = images[i][1].split('/')
+        if len(where) > 2 and classes[label] is not None and where[1] != classes[label]:
+            raise _damaged(labels_path, line, f"image id {i} has class {label + 1} ({classes[label]}), but images.txt "
+                                              f"line {images[i][0]} puts it in the folder {where[1]}")
     return classes
 
 
@@ -287,6 +306,11 @@ def _list_cub(data_dir, root, split, bbox):
     """-> (paths, labels, classes, annotation files, boxes or None). 'val' is the official test split."""
     annotations = ['images.txt', 'image_class_labels.txt', 'train_test_split.txt']
     images = _by_id(data_dir, root, 'images.txt', 2, lambda path, line, fields: 'images/' + fields[0])
+    line_of = {}  # image path -> its line in images.txt: one image under two ids would count twice, maybe as two classes
+    for line, rel in sorted(images.values()):
+        if rel in line_of:
+            raise _damaged(os.path.join(root, 'images.txt'), line, f"{rel[7:]} repeats line {line_of[rel]}")
+        line_of[rel] = line
     labels = _by_id(data_dir, root, 'image_class_labels.txt', 2, _class_id)
     is_train = _by_id(data_dir, root, 'train_test_split.txt', 2, _split_flag)
     boxes = _by_id(data_dir, root, 'bounding_boxes.txt', 5, _box) if bbox else None  # (x, y, w, h) per image

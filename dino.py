@@ -388,17 +388,20 @@ def train(cfg, given, ck, mcfg, run):
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(cfg.beta1, cfg.beta2), **(dict(fused=True) if run.cuda else {}))
     step, knn_floor = 0, None
     if ck is not None:  # resume: both networks, the centre, optimizer, scaler, RNG (drop path), the step, the kNN floor
-        student.load_state_dict(ck['student'])
-        M.load_weights(teacher.encoder, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
-        teacher.head.load_state_dict(ck['teacher_head'])
-        dino.center.copy_(ck['center'])
-        optimizer.load_state_dict(ck['optimizer'])
-        if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
-            run.scaler.load_state_dict(ck['scaler'])
-        if run.rank == 0:
-            common.set_rng_state(ck['rng'])
-        else:
-            torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
+        path = os.path.join(cfg.out_dir, 'ckpt.pt')
+        common.check_resume_step(ck, steps_per_epoch, len(train_split.labels), path)
+        with common.restoring(path):  # what does not fit this run: one line
+            student.load_state_dict(ck['student'])
+            M.load_weights(teacher.encoder, ck['model'], what=path)
+            teacher.head.load_state_dict(ck['teacher_head'])
+            dino.center.copy_(ck['center'])
+            common.load_optimizer(optimizer, ck['optimizer'])
+            if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU: a fresh scale
+                run.scaler.load_state_dict(ck['scaler'])
+            if run.rank == 0:
+                common.set_rng_state(ck['rng'])
+            else:
+                torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
         step, knn_floor = ck['step'], ck.get('knn_floor')
 
     # fixed val images (spread over the split, all classes) as the kNN queries, a fixed train subset as the bank
@@ -407,6 +410,7 @@ def train(cfg, given, ck, mcfg, run):
         knn_split = data.subset(train_split, cfg.knn_bank, cfg.seed)
 
     n_student, n_enc = (sum(p.numel() for p in net.parameters()) for net in (student, student.encoder))
+    run.taken("the preset's", img_size=mcfg.img_size, patch_size=mcfg.patch_size)
     run.banner({'params': f"{n_student / 1e6:.2f}M student ({n_enc / 1e6:.2f}M encoder), the same in the teacher",
                 'views': f"2 x {mcfg.img_size}px global (area {cfg.global_crops_min:g}-1)" + (
                     f" + {cfg.local_crops_number} x {local_size}px local (area {cfg.local_crops_min:g}-"
@@ -426,13 +430,12 @@ def train(cfg, given, ck, mcfg, run):
     teacher_params, student_params = list(teacher.parameters()), list(student.parameters())
 
     def save(top1=None):
-        common.save_atomic({'kind': 'dino', 'model': teacher.encoder.state_dict(), 'model_config': asdict(mcfg),
+        common.save_checkpoint({'kind': 'dino', 'model': teacher.encoder.state_dict(), 'model_config': asdict(mcfg),
                             'student': student.state_dict(), 'teacher_head': teacher.head.state_dict(),
                             'center': dino.center, 'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
                             'step': step, 'epoch': step / steps_per_epoch, 'config': vars(cfg),
                             'rng': common.rng_state(), 'knn_top1': top1, 'knn_floor': knn_floor,
-                            'loss': loss_now, 'teacher_entropy': entropy_now},
-                           os.path.join(cfg.out_dir, 'ckpt.pt'))
+                            'loss': loss_now, 'teacher_entropy': entropy_now}, cfg.out_dir)
 
     def knn(what):
         if not cfg.knn_bank or not run.master:
@@ -554,6 +557,8 @@ def train(cfg, given, ck, mcfg, run):
                     top1 = knn_and_save(done)
                 if run.ddp and done % cfg.ckpt_every == 0:
                     torch.distributed.barrier()
+                meter.skip()  # the rate is the training's: the kNN and checkpoint are left out
+                t_log = time.time()
 
     # the end of the run, where a run stopped at its last step resumes: the final kNN, checkpoint and summary
     if run.master:

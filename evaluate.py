@@ -113,12 +113,18 @@ def _metrics_chunk(preds, target):
     return {kind: tuple(m.sum() for m in image_metrics(p, target)) for kind, p in preds.items()}
 
 
-def _metrics_worker(conn):
+def _metrics_worker(conn, parent):
     common.die_with_parent()                         # SIGKILL when the evaluation process ends, however it ends
+    if os.getppid() != parent:                       # it ended while this worker was still importing: nothing to do
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle (one held back is dropped)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # SIGTERM as usual (held back since the worker started)
     while True:
-        conn.send(_metrics_chunk(*conn.recv()))
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the parent closed its end: it is gone or done
+            os._exit(0)
+        conn.send(_metrics_chunk(*task))
 
 
 class MetricWorkers:
@@ -145,7 +151,7 @@ class MetricWorkers:
             try:
                 for _ in range(self.n):
                     mine, theirs = ctx.Pipe()
-                    self.procs.append(ctx.Process(target=_metrics_worker, args=(theirs,)))
+                    self.procs.append(ctx.Process(target=_metrics_worker, args=(theirs, os.getpid())))
                     self.pipes.append(mine)
                     self.procs[-1].start()
                     theirs.close()
@@ -703,15 +709,15 @@ def checkpoint_id(ck):
 def check_own_folder(out_dir, ck_path, ck, ck_id):
     """evaluate.py writes only into an empty folder or one that holds its own earlier evaluation of this checkpoint:
     anything else is a UserError, before anything is written. Called with out_dir locked."""
-    names = set(os.listdir(out_dir))
-    foreign = sorted(names - set(OWN_FILES))
-    if not foreign and 'log.jsonl' in names and not logged_by_evaluate(os.path.join(out_dir, 'log.jsonl')):
-        foreign = ["log.jsonl (another script's log)"]
-    if foreign:
+    names, log = set(os.listdir(out_dir)), os.path.join(out_dir, 'log.jsonl')
+
+    def refuse(foreign):
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ''
         raise common.UserError(f"out_dir {out_dir} holds files evaluate.py did not write ({', '.join(foreign[:3])}"
                                f"{more}): it writes only into an empty folder or its own earlier evaluation; choose "
                                f"another --out_dir (by default each checkpoint is evaluated in <its folder>/eval)")
+    if names - set(OWN_FILES):
+        refuse(sorted(names - set(OWN_FILES)))
     previous = os.path.join(out_dir, 'eval.json')
     if os.path.exists(previous):
         old = None
@@ -721,18 +727,11 @@ def check_own_folder(out_dir, ck_path, ck, ck_id):
         if old not in (ck_id, earlier_form):
             raise common.UserError(f"{previous} holds an evaluation of another checkpoint ({old or 'unknown'}): choose "
                                    f"another --out_dir (by default each checkpoint is evaluated beside itself)")
-
-
-def logged_by_evaluate(path):
-    """Whether every run that wrote into this log.jsonl was evaluate.py (each run's first record names its script)."""
-    scripts = set()
-    with open(path, errors='replace') as f:
-        for line in f:
-            with contextlib.suppress(ValueError, AttributeError):  # a line cut short by a kill, or not JSON at all
-                record = json.loads(line)
-                if record.get('event') == 'start':
-                    scripts.add(record.get('script'))
-    return scripts == {'evaluate'}
+    # files of evaluate.py's names are its own only beside its own log (each run's first record names its script)
+    if names and not os.path.isfile(log):
+        refuse([f"{', '.join(sorted(names))} without evaluate.py's log.jsonl"])
+    if names and common.log_scripts(log) != {'evaluate'}:
+        refuse(["log.jsonl (another script's log)"])
 
 
 def reconstructions(cfg, ck, mcfg, mae, skip, run, splits):
@@ -771,6 +770,8 @@ def evaluate(cfg, ck, ck_id, mcfg, encoder, mae, skip, splits, run):
     random_encoder = probe.initial_encoder(ck, encoder.cfg).to(run.device)
     transfer = {'auto': 'cub' if name == 'tin' else None, 'none': None}.get(cfg.transfer_dataset, cfg.transfer_dataset)
     transfer = None if transfer == name else transfer
+    run.taken("the checkpoint's", img_size=mcfg.img_size,
+              **(dict(mask=mcfg.mask_ratio, masking=mcfg.masking) if ck['kind'] == 'pretrain' else {}))
     run.banner({'checkpoint': f"{cfg.ckpt} ({ck['kind']}, {ck_cfg.get('model')}, epoch {ck.get('epoch', 0):g})",
                 'mask': 'none (no decoder)' if ck['kind'] == 'dino' else f"{mcfg.mask_ratio:g} {mcfg.masking}",
                 'dataset': name, 'transfer': transfer or 'none'})

@@ -108,12 +108,14 @@ def build(cfg, given, num_classes, ck, pre=None):
         net = M.build_squeezenet(num_classes)
         mconf = {'num_classes': num_classes, 'img_size': cfg.img_size or 64}
         if ck is not None:
-            M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
+            with common.restoring(os.path.join(cfg.out_dir, 'ckpt.pt')):
+                M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
         return net, mconf, 'squeezenet1_1 from scratch'
     if ck is not None:  # resume: the architecture and weights of this run's own checkpoint
         mcfg = common.model_config(ck, os.path.join(cfg.out_dir, 'ckpt.pt'), drop_path=cfg.drop_path)
         net = M.VisionTransformer(mcfg)
-        M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
+        with common.restoring(os.path.join(cfg.out_dir, 'ckpt.pt')):
+            M.load_weights(net, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
         return net, asdict(mcfg), f"resumed from {cfg.out_dir}/ckpt.pt"
     if cfg.ckpt:
         net, pre = common.load_encoder(cfg.ckpt, num_classes, expect_model=cfg.model if 'model' in given else None,
@@ -219,13 +221,16 @@ def train(cfg, given, ck, pre, run):
                                   **(dict(fused=True) if run.cuda else {}))
     step, history = 0, []
     if ck is not None:  # resume: weights (in build), optimizer, scaler, RNG (drop path), the step and the history
-        optimizer.load_state_dict(ck['optimizer'])
-        if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
-            run.scaler.load_state_dict(ck['scaler'])
-        if run.rank == 0:
-            common.set_rng_state(ck['rng'])  # drop path continues its random stream exactly
-        else:
-            torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
+        path = os.path.join(cfg.out_dir, 'ckpt.pt')
+        common.check_resume_step(ck, steps_per_epoch, len(train_split.labels), path)
+        with common.restoring(path):  # what does not fit this run: one line
+            common.load_optimizer(optimizer, ck['optimizer'])
+            if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU: a fresh scale
+                run.scaler.load_state_dict(ck['scaler'])
+            if run.rank == 0:
+                common.set_rng_state(ck['rng'])  # drop path continues its random stream exactly
+            else:
+                torch.manual_seed(data.seed_for(cfg.seed, 4, run.rank, ck['step']))
         step, history = ck['step'], list(ck.get('history', []))
     val_split = None if cfg.bench_steps else data.load_split(cfg.dataset, 'val', cfg.data_dir, download=cfg.download)
 
@@ -233,6 +238,12 @@ def train(cfg, given, ck, pre, run):
     flops = (M.forward_flops(net, torch.zeros(1, 3, img_size, img_size, device=device)) * 3 if cfg.arch == 'squeezenet'
              else M.flops_per_image(net.cfg, mask_ratio=None))
     net.train()
+    run.taken(f"the recipe's for {cfg.dataset}", lr=base_lr(cfg))
+    if cfg.arch == 'vit':
+        run.taken("the checkpoint's" if cfg.ckpt or ck is not None else "the preset's", img_size=net.cfg.img_size,
+                  patch_size=net.cfg.patch_size)
+    else:
+        run.taken("SqueezeNet's", img_size=img_size)
     run.banner({'arch': cfg.arch if cfg.arch == 'squeezenet' else f"{cfg.model} {img_size}px", 'init': init,
                 'params': f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M", 'classes': num_classes,
                 'train images': len(train_split.labels), 'val images': len(val_split.labels) if val_split else 0,
@@ -256,11 +267,10 @@ def train(cfg, given, ck, pre, run):
         return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
 
     def save():
-        common.save_atomic({'kind': 'finetune', 'model': net.state_dict(), 'model_config': model_config,
+        common.save_checkpoint({'kind': 'finetune', 'model': net.state_dict(), 'model_config': model_config,
                             'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
                             'step': step, 'epoch': step / steps_per_epoch, 'config': vars(cfg),
-                            'rng': common.rng_state(), 'history': history, 'classes': list(train_split.classes)},
-                           os.path.join(cfg.out_dir, 'ckpt.pt'))
+                            'rng': common.rng_state(), 'history': history, 'classes': list(train_split.classes)}, cfg.out_dir)
 
     def run_eval():
         ev = val_metrics(net, val_split, img_size, run)
@@ -360,6 +370,8 @@ def train(cfg, given, ck, pre, run):
                         evaluate.write_learning_curves(cfg.out_dir, run)  # curves.png: losses, lr, top-1/top-5
                     if run.ddp:
                         torch.distributed.barrier()
+                meter.skip()  # the rate is the training's: the evaluation and checkpoint are left out
+                t_log = time.time()
 
     # the end of the run, where a run stopped at its last step resumes: the final evaluation, checkpoint and results
     if not history or history[-1]['step'] != step:

@@ -104,7 +104,10 @@ def load_critic(cfg):
                                    f"to the network once, or put alexnet-owt-7be5be79.pth into {torch.hub.get_dir()}"
                                    f"/checkpoints/, or use a SqueezeNet critic: {CRITIC_HOWTO}") from None
     elif cfg.alpha > 0:
-        ck = common.load_checkpoint(cfg.critic, kinds=('finetune',))
+        try:
+            ck = common.load_checkpoint(cfg.critic, kinds=('finetune',))
+        except common.UserError as e:  # the line is about the file; say it is the critic, and where one comes from
+            raise common.UserError(f"--critic: {str(e).split(': check the path')[0]}; {CRITIC_HOWTO}") from None
         if ck['config'].get('arch') != 'squeezenet':
             raise common.UserError(f"--critic {cfg.critic} holds a {ck['config'].get('arch')} classifier, not a SqueezeNet critic: {CRITIC_HOWTO}")
         net = M.build_squeezenet(ck['model_config']['num_classes'])
@@ -179,13 +182,16 @@ def train(cfg, given, ck, mcfg, critic, run):
     optimizer = torch.optim.AdamW(common.param_groups(objective, cfg.weight_decay), lr=peak_lr,
                                   betas=(cfg.beta1, cfg.beta2), **(dict(fused=True) if run.cuda else {}))
     step = 0
-    if ck is not None:  # resume: weights, optimizer, scaler, RNG, SMAE's c and the step
-        M.load_weights(mae, ck['model'], what=os.path.join(cfg.out_dir, 'ckpt.pt'))
-        objective.load_extra_state(ck.get('objective', {}))
-        optimizer.load_state_dict(ck['optimizer'])
-        if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
-            run.scaler.load_state_dict(ck['scaler'])
-        common.set_rng_state(ck['rng'])
+    if ck is not None:  # resume: weights, optimizer, scaler, RNG, SMAE's c and the step (what does not fit: one line)
+        path = os.path.join(cfg.out_dir, 'ckpt.pt')
+        common.check_resume_step(ck, steps_per_epoch, len(train_split.labels), path)
+        with common.restoring(path):
+            M.load_weights(mae, ck['model'], what=path)
+            objective.load_extra_state(ck.get('objective', {}))
+            common.load_optimizer(optimizer, ck['optimizer'])
+            if ck.get('scaler') and run.scaler.is_enabled():  # an fp16 run resumed from bf16/fp32/CPU starts a fresh scale
+                run.scaler.load_state_dict(ck['scaler'])
+            common.set_rng_state(ck['rng'])
         step = ck['step']
     elif cfg.alpha > 0:
         calibrate(objective, loader, cfg, run)  # fixes c before optimisation (stored in the checkpoint)
@@ -198,6 +204,7 @@ def train(cfg, given, ck, mcfg, critic, run):
 
     n_params = sum(p.numel() for p in mae.parameters())
     n_enc = sum(p.numel() for p in M.encoder_state_dict(dict(mae.named_parameters())).values())
+    run.taken("the preset's", img_size=mcfg.img_size, patch_size=mcfg.patch_size)
     run.banner({'params': f"{n_params / 1e6:.2f}M ({n_enc / 1e6:.2f}M encoder)", 'train images': len(train_split.labels),
                 'steps/epoch': steps_per_epoch, 'effective batch': cfg.batch_size,
                 'micro batch': loader.micro_batch, 'peak lr': f"{peak_lr:.3g}", 'start step': step})
@@ -214,11 +221,10 @@ def train(cfg, given, ck, mcfg, critic, run):
     mask_gen = torch.Generator(device=device)
 
     def save(val_loss=None):
-        common.save_atomic({'kind': 'pretrain', 'model': mae.state_dict(), 'model_config': asdict(mcfg),
+        common.save_checkpoint({'kind': 'pretrain', 'model': mae.state_dict(), 'model_config': asdict(mcfg),
                             'optimizer': optimizer.state_dict(), 'scaler': run.scaler.state_dict(),
                             'objective': objective.extra_state(), 'step': step, 'epoch': step / steps_per_epoch,
-                            'config': vars(cfg), 'rng': common.rng_state(), 'val_loss': val_loss, 'loss': loss_now},
-                           os.path.join(cfg.out_dir, 'ckpt.pt'))
+                            'config': vars(cfg), 'rng': common.rng_state(), 'val_loss': val_loss, 'loss': loss_now}, cfg.out_dir)
 
     @torch.no_grad()
     def val_loss():
@@ -348,6 +354,8 @@ def train(cfg, given, ck, mcfg, critic, run):
                     picture(done, vl)
                 if run.ddp and checkpoint:
                     torch.distributed.barrier()
+                meter.skip()  # the rate is the training's: the evaluation and checkpoint are left out
+                t_log = time.time()
 
     # the end of the run, where a run stopped at its last step resumes: the final checkpoint, picture and summary
     if run.master:

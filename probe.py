@@ -201,6 +201,7 @@ def probe(cfg, given, pre, encoder, splits, run):
     num_classes = train_split.num_classes
     batch, peak_lr, batch_note = batch_and_lr(len(train_split.labels), cfg.batch_size, cfg.lr)
     warmup = common.warmup_steps(cfg, given, 1, run, unit='epoch')  # (in epochs: one 'step' per epoch)
+    run.taken("the checkpoint's", img_size=encoder.cfg.img_size)
     run.banner({'encoder': f"{cfg.model} {encoder.cfg.img_size}px from {cfg.ckpt} (pre-trained {pre.get('epoch', 0):.0f} epochs)",
                 'params': f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M (frozen)", 'classes': num_classes,
                 'train images': len(train_split.labels), 'val images': len(val_split.labels), 'batch': batch,
@@ -233,10 +234,10 @@ def probe(cfg, given, pre, encoder, splits, run):
         run.log(dict(event='floor', **floor), f"floor, the same probe on the run's initial (random) encoder: top-1 "
                 f"{floor['top1']:.2f}% top-5 {floor['top5']:.2f}% ({floor['seconds']:.1f}s)")
     wall_s = time.time() - t_start
-    common.save_atomic({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': asdict(encoder.cfg),
+    common.save_checkpoint({'kind': 'probe', 'model': out['head'].state_dict(), 'model_config': asdict(encoder.cfg),
                         'config': vars(cfg), 'encoder_ckpt': cfg.ckpt, 'pool': cfg.pool, 'num_classes': num_classes,
                         'step': cfg.epochs, 'epoch': cfg.epochs, 'top1': out['top1'], 'top5': out['top5'],
-                        'classes': list(train_split.classes)}, os.path.join(cfg.out_dir, 'ckpt.pt'))
+                        'classes': list(train_split.classes)}, cfg.out_dir)
     results = dict({k: out[k] for k in ('top1', 'top5', 'best_top1', 'best_epoch')}, floor=floor, epoch=cfg.epochs,
                    dataset=cfg.dataset, model=cfg.model, ckpt=cfg.ckpt, pool=cfg.pool, num_classes=num_classes,
                    train_images=len(train_f), val_images=len(val_f), batch_size=batch, peak_lr=peak_lr,

@@ -2,6 +2,7 @@
 process of its own, written the moment it exists with its warm-up apart and its CUDA-graph status; a per-figure time
 limit that ends the figure's whole process group; the profile after warm-up; the summary gpu_check.sh writes; CUDA
 graphs proven where a compile mode asks for them."""
+import errno
 import importlib.util
 import json
 import os
@@ -75,6 +76,34 @@ def test_an_out_dir_that_is_a_file_is_one_line_and_nothing_is_written(tmp_path, 
         one_line_error(code, err, f'--out_dir {tmp_path / "taken"} is a file, not a folder', 'choose another --out_dir')
         assert code == 2
     assert os.listdir(tmp_path) == ['taken'] and (tmp_path / 'taken').read_text() == 'a file of the user'
+
+
+def test_files_bench_did_not_write_are_never_replaced_and_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """A user's profile.txt or bench.jsonl in the out_dir is refused and left as it was (bench.py's own begin as
+    bench.py writes them); appending to its own bench.jsonl on a full disk is one line, and the earlier lines stay."""
+    for name, extra in (('profile.txt', ['--only', 'profile']), ('bench.jsonl', ['--figures', 'loader'])):
+        (tmp_path / name).write_text('x,y\n1,2\n')
+        code, err = run_cli(bench.main, SMALL + extra + ['--out_dir', tmp_path], capsys, monkeypatch,
+                            script='bench.py')
+        one_line_error(code, err, f"{tmp_path / name} was not written by bench.py", 'choose another --out_dir')
+        assert os.listdir(tmp_path) == [name] and (tmp_path / name).read_text() == 'x,y\n1,2\n'
+        (tmp_path / name).unlink()
+    ours = json.dumps(dict(figure='mae', batch=32, error='an earlier figure')) + '\n'
+    (tmp_path / 'bench.jsonl').write_text(ours)
+    real_find_spec, real_write = importlib.util.find_spec, os.write
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'transformers' else real_find_spec(name, *a))
+    monkeypatch.setattr(subprocess, 'Popen', None)  # the peer is skipped: a line is appended, nothing is started
+
+    def full_disk(fd, data):
+        if os.readlink(f'/proc/self/fd/{fd}').endswith('bench.jsonl'):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    monkeypatch.setattr(os, 'write', full_disk)
+    code, err = run_cli(bench.main, SMALL + ['--figures', 'peer', '--out_dir', tmp_path], capsys, monkeypatch,
+                        script='bench.py')
+    one_line_error(code, err, f"could not append to {tmp_path / 'bench.jsonl'} (No space left on device); its "
+                              f"earlier lines are intact")
+    assert (tmp_path / 'bench.jsonl').read_text() == ours
 
 
 HANG = """import os, signal, subprocess, sys, time

@@ -48,6 +48,12 @@ def append(path, text):
     path.write_text(path.read_text() + text)
 
 
+def rename_first(folder, name):
+    """Rename the first file in folder to `name` (bytes: a name that need not be UTF-8)."""
+    first = sorted(os.listdir(folder))[0]
+    os.rename(os.path.join(os.fsencode(folder), os.fsencode(first)), os.path.join(os.fsencode(folder), name))
+
+
 def empty_folder(path):
     for p in path.iterdir():
         p.unlink()
@@ -123,6 +129,15 @@ DEFECTS = {
                                  ['{root}/classes.txt line 4', 'class 4 (004.Loon) has no image']),
     'cub classes not UTF-8': ('cub', 'train', lambda r: (r / 'classes.txt').write_bytes(b'1 a\n2 b\xc3\n3 c\n'),
                               ['{root}/classes.txt line 2', 'byte 7 (0xc3) is not UTF-8']),
+    'tin train file name not UTF-8': ('tin', 'train', lambda r: rename_first(r / 'train' / 'n00' / 'images',
+                                                                             b'n00_\xff.JPEG'),
+                                      ['{root}/train/n00/images', "file name b'n00_\\xff.JPEG' is not UTF-8"]),
+    'cub image listed twice': ('cub', 'train', lambda r: edit(r / 'images.txt', '5 002.Auklet/002.Auklet_5.jpg',
+                                                              '5 002.Auklet/002.Auklet_2.jpg'),
+                               ['{root}/images.txt line 5', '002.Auklet/002.Auklet_2.jpg repeats line 2']),
+    'cub label contradicts the folder': ('cub', 'train', lambda r: edit(r / 'image_class_labels.txt', '5 2', '5 1'),
+                                         ['{root}/image_class_labels.txt line 5', 'image id 5 has class 1 '
+                                          '(001.Albatross), but images.txt line 5 puts it in the folder 002.Auklet']),
     'cub label gap without classes.txt': ('cub', 'train', lambda r: ((r / 'classes.txt').unlink(), [
         edit(r / 'image_class_labels.txt', f'{i} 2', f'{i} 3') for i in (2, 5, 8)]),
         ['{root}/image_class_labels.txt', 'no image has class id 2, though the ids run to 3']),

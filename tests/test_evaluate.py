@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import math
+import multiprocessing
 import multiprocessing.context
 import os
 import re
@@ -453,6 +454,30 @@ def test_workers_ignore_ctrl_c_and_one_killed_on_its_own_is_one_line_and_every_w
             workers.send(task)
             workers.receive(3)
     assert not [p for p in procs if p.is_alive()]
+
+
+def test_a_worker_whose_evaluation_ended_leaves_at_once_and_quietly(capfd):
+    """evaluate.py killed (kill -9) while its workers still import: PR_SET_PDEATHSIG is set only once a worker runs
+    its code, so a worker that finds its parent gone then, or its pipe closed later, leaves with exit 0 and no
+    traceback (it printed an EOFError traceback for each worker, seconds after the kill)."""
+    ctx = multiprocessing.get_context('spawn')
+    mine, theirs = ctx.Pipe()
+    orphan = ctx.Process(target=evaluate._metrics_worker, args=(ctx.Pipe()[1], dead_pid()))  # its parent is gone
+    closed = ctx.Process(target=evaluate._metrics_worker, args=(theirs, os.getpid()))
+    orphan.start()
+    closed.start()
+    theirs.close()
+    mine.close()  # as when the evaluation process ends
+    for proc in (orphan, closed):
+        proc.join(60)
+        assert proc.exitcode == 0
+    assert 'Traceback' not in capfd.readouterr().err
+
+
+def dead_pid():
+    proc = subprocess.Popen(['true'])
+    proc.wait()
+    return proc.pid
 
 
 def test_a_stop_signal_while_the_workers_start_is_raised_once_all_have_started(monkeypatch):

@@ -160,7 +160,7 @@ def test_errors_name_the_file(ft, pre, tmp_path):
     # an out_dir holding another run's checkpoint is refused
     os.makedirs(tmp_path / 'busy')
     shutil.copy(pre, tmp_path / 'busy' / 'ckpt.pt')
-    with pytest.raises(common.UserError, match='already holds a checkpoint'):
+    with pytest.raises(common.UserError, match='already holds a pretrain.py run'):
         finetune.main(ft('--epochs', 1, out='busy'))
     with pytest.raises(common.UserError, match='holds a pretrain.py run, not a finetune.py run'):
         finetune.main(ft('--epochs', 1, '--resume', 'true', out='busy'))

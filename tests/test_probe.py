@@ -41,7 +41,7 @@ def test_probe_end_to_end_beats_chance(pr, tmp_path):
     assert not (out / '.lock').exists()
     # the out_dir now holds a finished probe run: refused without --resume, and with --resume unless it is extended
     before = (out / 'results.json').read_bytes()
-    with pytest.raises(common.UserError, match='already holds a checkpoint'):
+    with pytest.raises(common.UserError, match='already holds a finished run'):
         probe.main(pr('--epochs', 2))
     with pytest.raises(common.UserError, match='is a finished run of 30 epochs.*--epochs N with N > 30'):
         probe.main(pr('--resume', 'true'))
@@ -105,7 +105,7 @@ def test_accuracy():
 def test_out_dir_of_another_run_is_refused(pr, pre, tmp_path):
     os.makedirs(tmp_path / 'busy')
     shutil.copy(pre, tmp_path / 'busy' / 'ckpt.pt')
-    with pytest.raises(common.UserError, match='already holds a checkpoint'):
+    with pytest.raises(common.UserError, match='already holds a pretrain.py run'):
         probe.main(pr('--epochs', 1, out='busy'))
     with pytest.raises(common.UserError, match='holds a pretrain.py run, not a probe.py run'):
         probe.main(pr('--epochs', 1, '--resume', 'true', out='busy'))

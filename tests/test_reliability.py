@@ -235,9 +235,19 @@ def test_non_finite_loss_in_finetune_and_dino_is_one_line_and_writes_no_checkpoi
 
 
 def test_fresh_run_never_overwrites_a_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    """Refused, with what --resume true would do: continue a stopped run; nothing, for a finished run or another
+    script's (so the line does not send the user to a second refusal)."""
     assert pretrain.main(tiny('--epochs', 1)) == 0
     good = (tmp_path / 'run' / 'ckpt.pt').read_bytes()
-    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'already holds a checkpoint', '--resume true')
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch),
+                   'already holds a finished run (results.json is beside it): choose another --out_dir, or train it '
+                   'further with --resume true --epochs N')
+    os.rename(tmp_path / 'run' / 'results.json', tmp_path / 'results.json')  # as a run stopped before its end
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1), capsys, monkeypatch), 'already holds a checkpoint',
+                   'pass --resume true to continue that run')
+    import finetune
+    one_line_error(*run_cli(finetune.main, script_argv(finetune, tiny('--epochs', 1)), capsys, monkeypatch,
+                            script='finetune.py'), 'already holds a pretrain.py run: choose another --out_dir')
     assert (tmp_path / 'run' / 'ckpt.pt').read_bytes() == good
 
 
@@ -858,3 +868,115 @@ def test_out_of_memory_with_a_large_image_size_names_the_image_size(tiny, tmp_pa
     one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, '--img_size', 128), capsys, monkeypatch),
                    "--img_size 128 is above the preset's 64", 'use a smaller --img_size, or a smaller --batch_size')
     assert not (tmp_path / 'run').exists()
+
+
+# --- the fourth pass: files of our names that we did not write, a finished run trained further, resume states that
+# --- do not fit ---------------------------------------------------------------------------------------------------
+
+def test_a_fresh_run_never_overwrites_files_of_its_names_that_it_did_not_write(tiny, tmp_path, capsys, monkeypatch):
+    """A folder holding results.json or curves.png that no pretrain.py run wrote (no log.jsonl of pretrain.py beside
+    them) is refused, unchanged; beside an earlier pretrain.py run's own log (a run stopped before its first
+    checkpoint) they are that run's, and a fresh run goes on. Files of other names are never touched."""
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    for name in ('results.json', 'curves.png', 'notes.txt'):
+        (out / name).write_text('mine')
+    before = snapshot(out)
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, '--subset', 64), capsys, monkeypatch),
+                   f"out_dir {out} holds curves.png, results.json, which pretrain.py did not write (no pretrain.py "
+                   f"log.jsonl beside them)", 'choose another --out_dir')
+    assert snapshot(out) == before
+    (out / 'log.jsonl').write_text(json.dumps(dict(event='start', script='finetune')) + '\n')
+    one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, '--subset', 64), capsys, monkeypatch),
+                   "(its log.jsonl is finetune.py's)")
+    (out / 'log.jsonl').write_text(json.dumps(dict(event='start', script='pretrain')) + '\n')
+    assert pretrain.main(tiny('--epochs', 1, '--subset', 64)) == 0
+    assert (out / 'notes.txt').read_text() == 'mine' and json.load(open(out / 'results.json'))['steps'] == 2
+
+
+def test_evaluate_never_replaces_files_of_its_names_that_it_did_not_write_row(pre, tmp_path, capsys, monkeypatch):
+    import evaluate
+    out = tmp_path / 'figs'
+    os.makedirs(out)
+    (out / 'recon.png').write_text('my figure')
+    (out / 'eval.md').write_text('my notes')
+    before = snapshot(out)
+    code, err = run_cli(evaluate.main, ['--ckpt', pre, '--probe_epochs', 0, '--out_dir', out], capsys, monkeypatch,
+                        script='evaluate.py')
+    one_line_error(code, err, f"out_dir {out} holds files evaluate.py did not write (eval.md, recon.png without "
+                              f"evaluate.py's log.jsonl)")
+    assert snapshot(out) == before
+
+
+def test_a_finished_run_trained_further_and_stopped_at_its_last_step_is_finished_by_the_printed_command(
+        tiny, finished, capsys, monkeypatch):
+    """--epochs 4 on a finished 3-epoch run removes its results.json as it writes its first checkpoint (it would no
+    longer describe ckpt.pt, and reproduce.sh takes a results.json for a finished step; a resume that fails before,
+    e.g. on a full disk, leaves the finished run as it was: test_a_write_that_fails_...); SIGTERM in the new last
+    step then leaves a run that the printed command finishes."""
+    real = common.get_lr
+
+    def lr_then_sigterm(step, total_steps, *a):
+        if step == total_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, total_steps, *a)
+    with monkeypatch.context() as m:
+        m.setattr(common, 'get_lr', lr_then_sigterm)
+        code, stdout, err = cli_run(pretrain.main, tiny('--resume', 'true', '--epochs', 4), capsys, monkeypatch)
+    assert code == 128 + signal.SIGTERM, err
+    assert any('training the finished 3-epoch run on to 4 epochs; its results.json is removed at the first '
+               'checkpoint' in line for line in stdout), stdout
+    assert torch.load(finished / 'ckpt.pt', weights_only=True)['step'] == 32
+    assert not (finished / 'results.json').exists()
+    command = shlex.split(next(line for line in stdout if 'continue with: ' in line).split('continue with: ')[1])
+    code, stdout, err = cli_run(pretrain.main, command[2:], capsys, monkeypatch)
+    assert code == 0, err
+    assert any('finishing it' in line for line in stdout)
+    assert json.load(open(finished / 'results.json'))['steps'] == 32 and (finished / 'recon_ep0004.png').exists()
+
+
+# parts of a checkpoint that do not fit the run it resumes: (change to a copy of a pretrain.py checkpoint, the line)
+MISFIT = {
+    'weight_of_another_shape': (lambda ck: ck['model'].update({'decoder_pred.weight': torch.zeros(3, 3)}),
+                                'shape mismatch decoder_pred.weight: (3, 3)'),
+    'weight_missing': (lambda ck: ck['model'].pop('decoder_pred.weight'), "missing keys ['decoder_pred.weight']"),
+    'optimizer_groups_cut': (lambda ck: ck['optimizer'].update(param_groups=ck['optimizer']['param_groups'][:1]),
+                             'different number of parameter groups'),
+    'optimizer_moment_of_another_shape': (lambda ck: ck['optimizer']['state'][0].update(exp_avg=torch.zeros(3)),
+                                          "the optimizer's 'exp_avg' has shape (3,)"),
+    'rng_of_another_size': (lambda ck: ck['rng'].update(torch=torch.zeros(10, dtype=torch.uint8)),
+                            'does not fit this run'),
+    'step_not_its_epoch': (lambda ck: ck.update(step=10 ** 6),
+                           "its step 1000000 is not its epoch 1 at this run's 2 steps an epoch (64 training images)"),
+}
+
+
+@pytest.mark.parametrize('misfit', MISFIT)
+def test_a_checkpoint_that_does_not_fit_the_run_it_resumes_is_one_line(misfit, pre, tmp_path, capsys, monkeypatch):
+    change, needle = MISFIT[misfit]
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    ck = torch.load(pre, weights_only=True)
+    change(ck)
+    torch.save(ck, out / 'ckpt.pt')
+    before = snapshot(out)
+    code, err = run_cli(pretrain.main, ['--resume', 'true', '--epochs', 2, '--data_dir', tmp_path / 'data',
+                                        '--out_dir', out], capsys, monkeypatch)
+    one_line_error(code, err, str(out / 'ckpt.pt'), needle)
+    assert code == 2 and without_log(snapshot(out)) == without_log(before)
+
+
+def test_on_resume_a_warmup_as_long_as_the_run_and_a_batch_that_does_not_split_are_refused(pre, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """configure's rules between values, on the resumed run's own epochs and batch (the batch cannot change)."""
+    out = tmp_path / 'run'
+    os.makedirs(out)
+    shutil.copy(pre, out / 'ckpt.pt')
+    before = snapshot(out)
+    resume = ['--resume', 'true', '--out_dir', out]  # (the stored run has 1 epoch)
+    one_line_error(*run_cli(pretrain.main, resume + ['--warmup_epochs', 5], capsys, monkeypatch),
+                   "--warmup_epochs 5 is not shorter than the run's 1 epoch", 'choose fewer than 1')
+    one_line_error(*run_cli(pretrain.main, resume + ['--epochs', 2, '--accum_steps', 3], capsys, monkeypatch),
+                   "the run's batch of 32 does not split into 1 process x --accum_steps 3",
+                   'choose --accum_steps from 1, 2, 4, 8, 16, 32')
+    assert snapshot(out) == before
