@@ -75,7 +75,7 @@ def append_line(path, record):
     common.append_line(path, json.dumps(record, default=str))
 
 
-def measure(script, args, timeout):
+def measure(script, args, timeout, label=''):
     """Run `python script args` in a fresh process of its own process group; its BENCH_JSON figures with the process's
     wall time, or {'error': why}. At the timeout, or when this process is stopped (SIGTERM, Ctrl-C), the whole group
     is killed (the child and its compile workers): one figure failing does not lose the others."""
@@ -85,7 +85,15 @@ def measure(script, args, timeout):
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
                              preexec_fn=common.die_with_parent)
     try:
-        out, err = child.communicate(timeout=timeout)
+        while True:  # a line every 10 s while the figure's process compiles, warms up and times
+            try:
+                out, err = child.communicate(timeout=min(common.Progress.every, max(timeout - (time.time() - t0), 0.01)))
+                break
+            except subprocess.TimeoutExpired:
+                if time.time() - t0 >= timeout:
+                    raise
+                print(f"    {label or script}: {time.time() - t0:.0f} s so far (start-up, compilation and warm-up, then "
+                      f"the timed steps)", flush=True)
     except BaseException as e:  # the timeout, or KeyboardInterrupt (bench.py stopped): nothing of the child may stay
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
@@ -214,6 +222,8 @@ def check_own_files(cfg):
 def main(argv=None):
     cfg, _ = common.configure(globals(), argv)
     if cfg.only in ('', 'summary', 'profile'):  # (a figure timed for another bench.py writes nothing itself)
+        if cfg.only != 'summary':
+            data.require(cfg.dataset, cfg.data_dir)  # before a process per figure fails on it, each after a start-up
         check_out_dir(cfg)
         with common.out_dir_locked(cfg.out_dir, 'bench'):  # one bench.py writing here at a time
             check_own_files(cfg)
@@ -254,7 +264,7 @@ def time_figures(cfg):
                 record = dict(figure=key, batch=batch, compile=cfg.compile, compile_mode_asked=cfg.compile_mode,
                               device=name, torch=torch.__version__)
                 try:
-                    record.update(measure(*command(cfg, key, batch, tmp), cfg.process_timeout))
+                    record.update(measure(*command(cfg, key, batch, tmp), cfg.process_timeout, f"{key} batch {batch}"))
                 except KeyboardInterrupt:  # this figure, and the ones after it, say why they have no numbers
                     append_line(path, dict(record, error="stopped by a signal (a time limit, Ctrl-C) before it ended"))
                     for key, batch in jobs[i + 1:]:

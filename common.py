@@ -350,7 +350,7 @@ class Run:
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # pre-emption, a scheduler's warning, Ctrl-C
             with contextlib.suppress(ValueError):  # not the main thread
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        if self.master and self.lock:  # a run that writes (not a benchmark): a line at least every 10 s
+        if self.master and (self.lock or self.training):  # a run or a training loop's benchmark: a line every 10 s
             self._beat = threading.Thread(target=self._heartbeat, name='progress', daemon=True)
             self._beat.start()
         return self
@@ -1174,9 +1174,10 @@ def warmup_steps(cfg, given, steps_per_epoch, run, fraction=0.05, unit='step'):
         return cfg.warmup_epochs * steps_per_epoch
     total = cfg.epochs * steps_per_epoch
     steps = min(max(1, round(fraction * total)), total - 1)  # a one-step run cannot warm up and reach the peak
+    fit = f"the recipe's {cfg.warmup_epochs} warm-up epochs do not fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}"
     run.effective['warmup_epochs'] = (round(steps / steps_per_epoch, 4), (
-        f"{steps} {unit}{'s' * (steps != 1)}, {steps / total:.0%} of the run: the recipe's {cfg.warmup_epochs} warm-up "
-        f"epochs do not fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}"))
+        f"{steps} {unit}{'s' * (steps != 1)}, {steps / total:.0%} of the run: {fit}" if steps else
+        f"none: a run of one {unit} cannot warm up and still reach the peak lr; {fit}"))
     return steps
 
 

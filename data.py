@@ -514,10 +514,17 @@ def _cache_warning(cache, error, n):
           f"will decode these {n:,} images again until you {fix}")
 
 
+def require(name, data_dir):
+    """A one-line DataError unless dataset `name` is on disk (or needs none): for a caller that starts processes
+    which would each fail on it."""
+    root = os.path.join(data_dir, ARCHIVES[name]['root']) if name in ARCHIVES else None
+    if root and not os.path.isdir(root):
+        raise _missing(name, data_dir, f"dataset folder {root} not found")
+
+
 def _load_disk_split(name, split, data_dir, bbox):
     root = os.path.join(data_dir, ARCHIVES[name]['root'])
-    if not os.path.isdir(root):
-        raise _missing(name, data_dir, f"dataset folder {root} not found")
+    require(name, data_dir)
     with _ticking(f'listing and checking the {name}/{split} files'):
         listing = _list_tin(data_dir, root, split) if name == 'tin' else _list_cub(data_dir, root, split, bbox)
         files, labels, classes, annotations, boxes = listing
@@ -715,11 +722,16 @@ def download(name, data_dir, url=None, md5=None):
     if os.path.exists(root):
         print(f'{root} already exists, not downloading (delete it to download again)')
         return
+    made, parent = [], os.path.abspath(data_dir)  # the folders this download creates: removed again if it fails
+    while not os.path.lexists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(data_dir, exist_ok=True)
         fd, archive = tempfile.mkstemp(dir=data_dir, prefix=f".{a['archive']}.", suffix='.part')
     except OSError as e:  # a file where the folder should be, a read-only folder
         raise DataError(f"cannot download into {data_dir} ({e.strerror}): choose a writable --data_dir") from None
+    ok = False
     try:
         print(f'downloading {url} ...')
         digest = hashlib.md5()
@@ -742,8 +754,12 @@ def download(name, data_dir, url=None, md5=None):
                 raise DataError(f"{url} does not contain {a['root']}/{a['marker']}; it is not the {name} archive")
             os.replace(os.path.join(extract_dir, a['root']), root)  # appears all at once, never half-extracted
             print(f'{name} is ready in {root}')
+            ok = True
     finally:
         os.remove(archive)
+        for folder in made if not ok else ():  # deepest first; only empty ones (nothing of the user's is in them)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 _fetch = download  # load_split's `download` flag shadows the function's name

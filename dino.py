@@ -314,8 +314,9 @@ def local_view_size(cfg, mcfg):
 
 def teacher_temp_at(epoch, cfg):
     """DINO's teacher temperature: np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs) for the
-    first epochs, then teacher_temp."""
-    w, t0, t1 = cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp, cfg.teacher_temp
+    first epochs, then teacher_temp. In a run shorter than the warm-up it ends with the run (clipped): the recipe's
+    30 epochs would otherwise never reach teacher_temp in a short run."""
+    w, t0, t1 = min(cfg.warmup_teacher_temp_epochs, cfg.epochs), cfg.warmup_teacher_temp, cfg.teacher_temp  # (clipped)
     return t1 if epoch >= w else t0 + (t1 - t0) * epoch / max(w - 1, 1)
 
 
@@ -358,6 +359,10 @@ def main(argv=None):
         # resume or start fresh, and the model's checks before anything is written
         ck, cfg = ((None, cfg) if cfg.bench_steps else
                    common.check_out_dir(cfg, given, 'dino', FIXED_ON_RESUME, CHECKS))
+        if 'warmup_teacher_temp_epochs' in given and cfg.warmup_teacher_temp_epochs > cfg.epochs:
+            raise common.UserError(f"--warmup_teacher_temp_epochs {cfg.warmup_teacher_temp_epochs} is longer than the "
+                                   f"run's {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}: the teacher temperature would never reach "
+                                   f"--teacher_temp {cfg.teacher_temp:g}; choose at most {cfg.epochs}")
         mcfg = common.preset_config(cfg)
         local_view_size(cfg, mcfg)
         with common.Run(cfg, 'dino', lock=cfg.bench_steps == 0) as run:
@@ -380,6 +385,9 @@ def train(cfg, given, ck, mcfg, run):
     steps_per_epoch = loader.steps_per_epoch
     total_steps = cfg.bench_warmup + cfg.bench_steps if cfg.bench_steps else cfg.epochs * steps_per_epoch
     warmup_steps = common.warmup_steps(cfg, given, steps_per_epoch, run)
+    if cfg.warmup_teacher_temp_epochs > cfg.epochs:  # the recipe's 30 in a shorter run: clipped (teacher_temp_at)
+        run.effective['warmup_teacher_temp_epochs'] = (cfg.epochs, f"the recipe's {cfg.warmup_teacher_temp_epochs} do not "
+                                                                   f"fit in {cfg.epochs} epoch{'s' * (cfg.epochs > 1)}")
     peak_lr = cfg.lr * cfg.batch_size / 256
 
     # optimizer: AdamW on the student; the weight decay of the group marked 'decayed' (a key the optimizer's state
@@ -460,7 +468,7 @@ def train(cfg, given, ck, mcfg, run):
         knn_floor = knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
 
     # progress: the step, a smoothed rate and the ETA, which the run's progress thread prints whenever 10 s pass
-    # without a line (also inside a step: the first one compiles on CUDA); a benchmark prints none
+    # without a line (also inside a step: the first one compiles on CUDA), a benchmark too
     meter = common.Progress('step', total_steps, run, done=step, per=cfg.batch_size,
                             phase='the first step' + (' (torch.compile)' if mode else '')).start()
 
@@ -512,6 +520,7 @@ def train(cfg, given, ck, mcfg, run):
             update_center(dino.center, teacher_sum, 2 * cfg.batch_size, cfg.center_momentum)
             step += 1
 
+            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             if cfg.bench_steps:
                 if step == total_steps:
                     return common.bench_result(run, t_bench, cfg, flops, peak, sums[0] / n_losses,
@@ -521,7 +530,6 @@ def train(cfg, given, ck, mcfg, run):
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
-            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             end_of_epoch = step % steps_per_epoch == 0
             log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
                        or (not run.ddp and time.time() - t_log > common.LOG_EVERY_S))  # one process: every 8 s

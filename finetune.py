@@ -281,7 +281,7 @@ def train(cfg, given, ck, pre, run):
         return rec
 
     # progress: the step, a smoothed rate and the ETA, which the run's progress thread prints whenever 10 s pass
-    # without a line (also inside a step: the first one compiles on CUDA); a benchmark prints none
+    # without a line (also inside a step: the first one compiles on CUDA), a benchmark too
     meter = common.Progress('step', total_steps, run, done=step, per=cfg.batch_size,
                             phase='the first step' + (' (torch.compile)' if mode else '')).start()
 
@@ -319,6 +319,7 @@ def train(cfg, given, ck, pre, run):
             grads.zero()  # not zero_grad(set_to_none=True): the gradients stay views of the buffer
             step += 1
 
+            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             if cfg.bench_steps:
                 if step == total_steps:
                     return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
@@ -329,7 +330,6 @@ def train(cfg, given, ck, pre, run):
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
-            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             end_of_epoch = step % steps_per_epoch == 0
             log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
                        or (not run.ddp and time.time() - t_log > common.LOG_EVERY_S))  # one process: every 8 s

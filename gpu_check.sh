@@ -32,6 +32,10 @@
 # starts, takes its success path and writes its files (minutes on a CPU), so a GPU session never meets a check that
 # does not start.
 set -u
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -u$/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_check.sh: error: unknown option $1: the one argument is OUT_DIR (--help says more)" >&2; exit 2 ;;
+esac
 OUT=${1:?usage: ./gpu_check.sh OUT_DIR}
 if [ -e "$OUT" ] && { [ ! -d "$OUT" ] || [ -n "$(ls -A "$OUT")" ]; }; then
   echo "gpu_check.sh: error: OUT_DIR $OUT is not a new or empty folder: choose another (the check appends)" >&2

@@ -609,3 +609,9 @@ class MAEObjective(nn.Module):
         cfg = self.mae.cfg
         image = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size, device=self.c.device)
         return 4 * forward_flops(self.critic, image)
+
+
+if __name__ == '__main__':  # a library, imported by the scripts: `python model.py` says what it holds
+    print(__doc__.strip() + "\n\nmodel.py has no command of its own; the presets: "
+          + ", ".join(f"{name} ({cfg.embed_dim}-wide, depth {cfg.depth}, {cfg.img_size}px / {cfg.patch_size}px patches)"
+                      for name, cfg in ((name, make_config(name)) for name in PRESETS)))

@@ -2,7 +2,7 @@
 MAE / SMAE pre-training, in one process or under torchrun.
 
     python pretrain.py --dataset demo --img_size 32 --batch_size 64 --lr 1.5e-3 --epochs 30 --warmup_epochs 2
-                                                                        # the first run: 3.5 minutes on 2 CPU cores
+                                                                        # the first run: about 4 minutes on 2 CPU cores
     python pretrain.py                                                  # the study's recipe on Tiny ImageNet
     torchrun --nproc_per_node=2 pretrain.py                             # the same run on two GPUs
 
@@ -269,7 +269,7 @@ def train(cfg, given, ck, mcfg, critic, run):
         knn('floor: the initial weights')  # what an untrained encoder of this architecture already gets
 
     # progress: the step, a smoothed rate and the ETA, which the run's progress thread prints whenever 10 s pass
-    # without a line (also inside a step: the first one compiles on CUDA); a benchmark prints none
+    # without a line (also inside a step: the first one compiles on CUDA), a benchmark too
     meter = common.Progress('step', total_steps, run, done=step, per=cfg.batch_size,
                             phase='the first step' + (' (torch.compile)' if mode else '')).start()
 
@@ -307,6 +307,7 @@ def train(cfg, given, ck, mcfg, critic, run):
             grads.zero()  # not zero_grad(set_to_none=True): the gradients stay views of the buffer
             step += 1
 
+            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             if cfg.bench_steps:
                 if step == total_steps:
                     return common.bench_result(run, t_bench, cfg, flops, peak, loss_sum / n_losses,
@@ -316,7 +317,6 @@ def train(cfg, given, ck, mcfg, critic, run):
                 continue
 
             # log: every log_every steps, at steps 1, 2, 4, 8, ... (early feedback), at epoch ends and when stopping
-            meter.update(step)  # host-side counts for the smoothed rate and the progress thread's line
             end_of_epoch = step % steps_per_epoch == 0
             log_now = (step % cfg.log_every == 0 or step & (step - 1) == 0 or end_of_epoch or step == total_steps
                        or (not run.ddp and time.time() - t_log > common.LOG_EVERY_S))  # one process: every 8 s

@@ -449,7 +449,7 @@ class Scheduler:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
         self.draw(final=True)
-        write_results(self.steps, self.state, self.note, self.out, self.log_path)
+        write_results(self.steps, self.state, self.note, self.out, self.log_path, self.mode)
         failed = [n for n, st in self.state.items() if st == 'failed']
         if self.stopping:
             self.say(f"stopped; `{self.rerun}` continues from here (finished steps are skipped, stopped ones resume)")
@@ -656,24 +656,32 @@ class Scheduler:
         return makespan(left, {s.name: expected_s(s) for s in left}, self.jobs, running)
 
 
-def write_results(steps, state, note, out, log_path):
-    """<OUT>/RESULTS.md: each step's figure beside the study's, and what became of the steps that have none."""
-    lines = ["| step | experiment | paper | ours | wall clock |", "|---|---|---|---|---|"]
+def write_results(steps, state, note, out, log_path, mode='full'):
+    """<OUT>/RESULTS.md: each step's figure beside the study's and beside its floor where the step measures one (the
+    same probe or kNN on the run's untrained encoder), and what became of the steps that have no figure."""
+    lines = (["Quick mode: the embedded demo photographs (8 classes, 32 px) on a tiny schedule, not Tiny ImageNet or "
+              "CUB. It runs the study's whole path; its figures mean something only beside their floor, and the "
+              "paper's column shows what the full study compares them with.", ""] if mode == 'quick' else [])
+    lines += ["| step | experiment | paper | floor | ours | wall clock |", "|---|---|---|---|---|---|"]
     failures = []
     for s in steps:
-        ours, wall = '-', '-'
+        ours, floor, wall = '-', '-', '-'
         if state[s.name] == 'done':
             r = json.load(open(os.path.join(s.out_dir, 'results.json')))
             if 'top1' in r:
                 ours = f"{r['top1']:.2f}"
+            elif r.get('knn_top1') is not None:
+                ours = f"{r['knn_top1']:.2f}"
             elif r.get('val_loss') is not None:
                 ours = f"{r['val_loss']:.4f}"
+            found = (r.get('floor') or {}).get('top1') if isinstance(r.get('floor'), dict) else r.get('knn_floor')
+            floor = f"{found:.2f}" if isinstance(found, (int, float)) else '-'
             wall = f"{r['wall_s'] / 60:.1f} min" if r.get('wall_s') is not None else '-'
         else:
             ours = note[s.name].replace('|', '\\|')
             if state[s.name] == 'failed':
                 failures.append(f"- `{s.name}` {note[s.name]} (its log: {log_path(s)})")
-        lines.append(f"| {s.name} | {s.what} | {s.paper} | {ours} | {wall} |")
+        lines.append(f"| {s.name} | {s.what} | {s.paper} | {floor} | {ours} | {wall} |")
     if failures:
         lines += ['', f"{len(failures)} step(s) failed (the steps that need them were not run):"] + failures
     tmp = os.path.join(out, f'RESULTS.md.tmp.{os.getpid()}')  # written whole, then renamed

@@ -78,6 +78,17 @@ def test_an_out_dir_that_is_a_file_is_one_line_and_nothing_is_written(tmp_path, 
     assert os.listdir(tmp_path) == ['taken'] and (tmp_path / 'taken').read_text() == 'a file of the user'
 
 
+def test_a_missing_dataset_is_one_line_before_any_figure_starts(tmp_path, capsys, monkeypatch):
+    """Not a process per figure, each failing on it after its start-up, then exit 0: one line, exit 2, nothing made."""
+    monkeypatch.setattr(subprocess, 'Popen', None)  # nothing may start
+    for extra in ([], ['--only', 'profile']):
+        code, err = run_cli(bench.main, SMALL + extra + ['--dataset', 'tin', '--data_dir', tmp_path / 'data',
+                                                         '--out_dir', tmp_path / 'b'], capsys, monkeypatch,
+                            script='bench.py')
+        one_line_error(code, err, f"tin: dataset folder {tmp_path / 'data' / 'tiny-imagenet-200'} not found")
+        assert code == 2 and os.listdir(tmp_path) == []
+
+
 def test_files_bench_did_not_write_are_never_replaced_and_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     """A user's profile.txt or bench.jsonl in the out_dir is refused and left as it was (bench.py's own begin as
     bench.py writes them); appending to its own bench.jsonl on a full disk is one line, and the earlier lines stay."""

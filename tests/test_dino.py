@@ -22,10 +22,11 @@ import probe
 from conftest import TINY
 from test_reliability import one_line_error, run_cli, same_weights, start, wait_for_log
 
-# 64 demo images in batches of 32 (2 steps an epoch), two local crops, an lr and a teacher momentum at which a few
-# steps learn; a checkpoint (and kNN) every epoch. Shared by the learning, checkpoint and kill tests.
-RUN = ('--subset', 64, '--epochs', 4, '--ckpt_every', 1, '--lr', 1e-2, '--momentum_teacher', 0.99,
-       '--local_crops_number', 2)
+# 64 demo images in batches of 32 (2 steps an epoch), two local crops, an lr, a teacher momentum and a teacher
+# temperature (0.02 to 0.025: the recipe's warm-up, clipped to these 4 epochs) at which a few steps learn; a checkpoint
+# (and kNN) every epoch. Shared by the learning, checkpoint and kill tests.
+RUN = ('--subset', 64, '--epochs', 4, '--teacher_temp', 0.025, '--ckpt_every', 1, '--lr', 1e-2,
+       '--momentum_teacher', 0.99, '--local_crops_number', 2)
 
 
 def records(out, event):
@@ -68,7 +69,7 @@ def test_loss_falls_knn_beside_its_floor_and_no_collapse(straight):
     assert ck['kind'] == 'dino' and ck['step'] == 8 and ck['epoch'] == 4 and ck['config']['dataset'] == 'demo'
     assert {'model', 'model_config', 'student', 'teacher_head', 'center', 'optimizer', 'scaler', 'rng'} <= set(ck)
     assert set(ck['model']) == {k[len('encoder.'):] for k in ck['student'] if k.startswith('encoder.')}
-    # the teacher temperature the loop used is the schedule's (it stays in its warm-up here)
+    # the teacher temperature the loop used is the schedule's (the recipe's warm-up, clipped to the run)
     cfg = SimpleNamespace(**ck['config'])
     assert [r['teacher_temp'] for r in train] == [dino.teacher_temp_at((r['step'] - 1) // 2, cfg) for r in train]
 
@@ -132,6 +133,8 @@ def test_temperature_schedule_and_centre_equal_dinos_formulas():
     cfg, _ = common.configure(vars(dino), [])
     official = np.concatenate((np.linspace(0.02, 0.04, 30), np.ones(70) * 0.04))  # main_dino.py's DINOLoss
     assert [dino.teacher_temp_at(e, cfg) for e in range(100)] == pytest.approx(official.tolist(), abs=1e-12)
+    short, _ = common.configure(vars(dino), ['--epochs', 4])  # the recipe's 30 warm-up epochs, clipped to the run's 4
+    assert [dino.teacher_temp_at(e, short) for e in range(4)] == pytest.approx(np.linspace(0.02, 0.04, 4).tolist())
     g = torch.Generator().manual_seed(0)
     center, teacher = torch.randn(16, generator=g), torch.randn(10, 16, generator=g)
     expected = center * 0.9 + teacher.mean(0, keepdim=True)[0] * 0.1

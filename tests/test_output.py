@@ -65,10 +65,12 @@ def test_a_slow_batch_prints_lines_by_timer_while_it_runs(tmp_path, monkeypatch,
     assert all(b - a >= FAST * 0.9 for a, b in zip(stamps, stamps[1:])), "lines closer together than the period"
 
 
-@pytest.mark.parametrize('script', ['pretrain', 'finetune', 'dino'])
+@pytest.mark.parametrize('script', ['pretrain', 'pretrain-benchmark', 'finetune', 'dino'])
 def test_the_loops_print_their_status_inside_the_first_step(script, tiny, monkeypatch, capsys):
     """The time before step 1 (compilation on CUDA, DINO's first views and step) is not silent: the status line
-    (step 0/N, the phase, the time so far) comes by timer while the first step runs."""
+    (step 0/N, the phase, the time so far) comes by timer while the first step runs; in a benchmark too (its
+    compilation takes a minute on a GPU)."""
+    script, benchmark = script.split('-')[0], script.endswith('benchmark')
     module = {'pretrain': pretrain, 'finetune': finetune, 'dino': dino}[script]
     slow_class = {'pretrain': M.MAEObjective, 'finetune': M.VisionTransformer, 'dino': dino.DINO}[script]
     monkeypatch.setattr(common.Progress, 'every', FAST)
@@ -80,8 +82,10 @@ def test_the_loops_print_their_status_inside_the_first_step(script, tiny, monkey
             time.sleep(6 * FAST)
         return real_forward(self, *a, **kw)
     monkeypatch.setattr(slow_class, 'forward', forward)
-    argv = tiny('--epochs', 1, '--subset', 64, '--knn_bank', 0)
-    assert module.main(script_argv(module, argv)) == 0
+    argv = tiny(*(('--bench_steps', 1, '--bench_warmup', 1) if benchmark else ('--epochs', 1, '--subset', 64,
+                                                                               '--knn_bank', 0)))
+    result = module.main(script_argv(module, argv))
+    assert result['images_per_s'] > 0 if benchmark else result == 0
     lines = progress_lines(capsys.readouterr().out, 'step 0/2')
     assert len(lines) >= 2 and all('the first step' in l and 'so far' in l for l in lines), lines
 
@@ -106,6 +110,26 @@ def test_the_smoothed_rate_stays_within_2x_across_one_slow_interval():
         assert all(0.5 < b / a < 2 for a, b in zip(figures, figures[1:])), figures
     assert rates[-1] == pytest.approx(32.0, rel=0.05)  # and it recovers
     assert common.Progress('step', 10).rate() is None  # nothing measured yet
+
+
+def test_time_spent_on_evaluations_and_checkpoints_is_left_out_of_the_rate(tiny, monkeypatch):
+    """A 30 s evaluation between two 1 s steps leaves the rate and ETA where they were (skip); counted as an
+    interval it would have moved them (a 4x drop was seen after each checkpoint). The loops skip after their
+    epoch-end work."""
+    now = [0.0]
+    meter = common.Progress('step', 200, per=32, clock=lambda: now[0])
+    for step in range(1, 21):
+        now[0] += 1.0
+        meter.update(step)
+    now[0] += 30.0  # the evaluation and checkpoint
+    meter.skip()
+    now[0] += 1.0
+    meter.update(21)
+    assert meter.rate() == pytest.approx(32.0) and meter.eta() == pytest.approx(179.0)
+    skipped = []
+    monkeypatch.setattr(common.Progress, 'skip', lambda self: skipped.append(self.done))
+    assert pretrain.main(tiny('--epochs', 2, '--subset', 64, '--knn_bank', 0)) == 0
+    assert skipped == [2]  # after the first epoch's checkpoint (the last one ends the run)
 
 
 @pytest.mark.parametrize('script', ['pretrain', 'finetune', 'dino'])
@@ -133,8 +157,20 @@ def test_the_config_line_shows_the_precision_and_compile_in_effect(tiny, capsys)
         assert ' dtype=bfloat16 compile=True compile_mode=reduce-overhead ' in config
     else:
         assert ' dtype=float32 (bfloat16 on CUDA) compile=False (eager on the CPU) compile_mode=None ' in config
+        assert ' device=cpu (auto) ' in config
     # on CUDA the settings asked for are the ones in effect (CUDA graphs under torchrun and accumulation too)
     assert common.in_effect(SimpleNamespace(dtype='bfloat16', compile=True, compile_mode='reduce-overhead'), True) == {}
+
+
+def test_the_config_line_shows_the_values_taken_for_names_left_to_the_preset_or_the_checkpoint(tiny, pre, capsys):
+    """A name left at its "from elsewhere" default (0 or '') shows the value in effect and where it came from."""
+    assert pretrain.main(tiny('--bench_steps', 1, '--bench_warmup', 0, '--patch_size', 0))['images_per_s'] > 0
+    config = next(l for l in capsys.readouterr().out.splitlines() if l.startswith('config: '))
+    assert " patch_size=4 (the preset's) " in config and ' img_size=32 ' in config
+    assert finetune.main(script_argv(finetune, tiny('--ckpt', pre, '--img_size', 0, '--patch_size', 0, '--epochs', 1,
+                                                    '--subset', 32, out='ft'))) == 0
+    config = next(l for l in capsys.readouterr().out.splitlines() if l.startswith('config: '))
+    assert " lr=0.001 (the recipe's for demo) " in config and " patch_size=8 (the checkpoint's) " in config
 
 
 def test_bench_header_shows_the_precision_and_compile_in_effect(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,8 @@ import re
 import subprocess
 from types import SimpleNamespace
 
+import pytest
+
 import common
 import data
 import finetune
@@ -97,6 +99,10 @@ def test_reproduce_quick_runs_the_whole_path_side_by_side_with_the_figures_of_on
         start = next(r for r in map(json.loads, open(tmp_path / 'study' / s / 'log.jsonl')) if r['event'] == 'start')
         assert start['device'] == 'cpu (1 threads)', s
     assert '| 47.50 |' in table and '| 32.04 |' in table  # the study's numbers beside ours
+    assert table.startswith('Quick mode: the embedded demo photographs (8 classes, 32 px)')  # not TIN's figures
+    probe_row = re.search(r'^\| sweep_mask75_probe \|.*\| 32\.04 \| ([\d.]+) \| ([\d.]+) \| [\d.]+ min \|$', table, re.M)
+    floor = json.load(open(tmp_path / 'study' / 'sweep_mask75_probe' / 'results.json'))['floor']['top1']
+    assert probe_row and float(probe_row.group(1)) == pytest.approx(floor, abs=0.005), table  # beside its floor
     # the SMAE run used the critic trained before it
     smae = json.load(open(tmp_path / 'study' / 'smae_block50' / 'results.json'))
     assert smae['config']['critic'].endswith('critic/ckpt.pt') and smae['alpha'] == 0.5

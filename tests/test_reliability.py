@@ -136,6 +136,8 @@ def one_line_error(code, err, *needles):
     (('--img_size', 30), ['img_size 30 is not divisible by patch_size 8']),
     (('--alpha', 0.5), ['needs a perceptual critic', 'finetune.py --arch squeezenet']),
     (('--resume', 'true'), ['no checkpoint at', 'run without --resume']),
+    (('--alpha', 0.5, '--critic', '/nonexistent.pt'), ['--critic: checkpoint /nonexistent.pt does not exist',
+                                                       'train one with: python finetune.py --arch squeezenet']),
 ])
 def test_bad_config_rows(extra, needles, tiny, tmp_path, capsys, monkeypatch):
     one_line_error(*run_cli(pretrain.main, tiny('--epochs', 1, *extra), capsys, monkeypatch), *needles)
@@ -808,6 +810,8 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_other_runtime_errors_stay
                                       'at most the peak lr']),
     ('finetune', ('--min_lr', 1e-3), ['--min_lr 0.001 is above the peak lr', 'the recipe']),
     ('dino', ('--min_lr', 1e-3), ['--min_lr 0.001 is above the peak lr (--lr 0.0005 x --batch_size 32 / 256)']),
+    ('dino', ('--warmup_teacher_temp_epochs', 5), ["--warmup_teacher_temp_epochs 5 is longer than the run's 1 epoch",
+                                                  'choose at most 1']),
     ('finetune', ('--arch', 'squeezenet', '--img_size', 16),
      ['--img_size 16 is too small for SqueezeNet 1.1', '--img_size 17 or more']),
     ('pretrain', ('--critic', 'out/critic/ckpt.pt'), ['--critic out/critic/ckpt.pt is unused with --alpha 0']),
