@@ -205,7 +205,7 @@ stage headline             85 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --
 stage rank64_default       55 "${BENCH[@]}" --figures mae --batch_sizes $RANK --compile_mode default
 stage rank64_graphs        40 "${BENCH[@]}" --figures mae --batch_sizes $RANK
 stage eager                25 "${BENCH[@]}" --figures mae --batch_sizes $HEAD --compile false
-stage tests               110 env GPU_CHECK_OUT="$OUT" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ddp.py tests/test_gpu.py
+stage tests               110 env GPU_CHECK_OUT="$OUT" GPU_DRY_RUN=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_ddp.py tests/test_gpu.py
 stage batch1024            40 "${BENCH[@]}" --figures mae --batch_sizes $BIG
 stage others               80 "${BENCH[@]}" --figures smae,finetune,dino,loader,peer --batch_sizes $HEAD \
                                 --process_timeout $EACH

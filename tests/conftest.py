@@ -80,9 +80,10 @@ def signal_as_the_loop_starts(monkeypatch, signum):
                         raising=False)
 
 
-# The README's command runs the suite with `-n 2 --dist loadscope`: each test file runs whole on one worker, so
-# that its module fixtures (a reference run, a checkpoint) are made once, not once per worker. The slowest files go
-# first, so that at the end the small ones fill in while the other worker finishes.
+# The README's command runs the suite with `-n 3 --dist loadscope` (on 2 cores: one worker computes while another
+# waits on a subprocess or a signal): each test file runs whole on one worker, so that its module fixtures (a
+# reference run, a checkpoint) are made once, not once per worker. The slowest files go first, so that at the end
+# the small ones fill in while the other workers finish.
 SLOW_FILES_FIRST = ['test_reliability.py', 'test_ddp.py', 'test_bench.py', 'test_readme.py', 'test_evaluate.py',
                     'test_dino.py']
 

@@ -3,8 +3,9 @@ fine-tuning, probing and evaluation on the GPU. A session with a GPU runs them t
     ./gpu_check.sh OUT_DIR
 which also runs the benchmark (speed is printed by benchmarks, never asserted by tests). Each test has 120 s; where a
 compile mode asks for CUDA graphs, a skip fails the test. Nothing here needs the network (the GPU machine has none).
-Without CUDA they run as a dry run of the same calls, small and on the CPU, with the CUDA-only assertions left out:
-a GPU session, which has minutes, must never find a test that fails for a reason a CPU could have shown."""
+Without CUDA they skip, or, with GPU_DRY_RUN=1 (what ./gpu_check.sh sets: run its CPU dry run before a GPU session),
+run as a dry run of the same calls, small and on the CPU, with the CUDA-only assertions left out: a GPU session,
+which has minutes, must never find a test that fails for a reason a CPU could have shown."""
 import json
 import os
 import signal
@@ -25,6 +26,8 @@ import probe
 from conftest import script_argv
 
 CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA and os.environ.get('GPU_DRY_RUN') != '1', reason=(
+    "no CUDA device; GPU_DRY_RUN=1 runs these as a dry run on the CPU, as ./gpu_check.sh does without a GPU"))
 SMALL = [] if CUDA else ['--img_size', '32', '--patch_size', '8', '--subset', '64', '--batch_size', '32',
                          '--val_images', '64', '--knn_bank', '64', '--max_images', '64', '--use_lpips', 'false']
 DEMO = ['--dataset', 'demo', '--warmup_epochs', '1', '--log_every', '5', '--knn_bank', '512']

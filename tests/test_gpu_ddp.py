@@ -1,8 +1,8 @@
 """Two ranks on the one GPU keep CUDA graphs (a step of the GPU check): pretrain.py with torchrun's environment for
 two ranks that share the GPU, so common.Run talks over gloo, in its default compile mode (CUDA graphs) and with
 --accum_steps 2; a CUDA graph that is skipped is an error, every rank replays captured graphs, both ranks average
-the same gradient, and the loss curve is the one process's. Without CUDA it is a dry run of the same calls on the
-CPU (eager, small), with the CUDA-only assertions left out.
+the same gradient, and the loss curve is the one process's. Without CUDA it skips, or with GPU_DRY_RUN=1 (./gpu_check.sh's
+CPU dry run) it is a dry run of the same calls on the CPU (eager, small), with the CUDA-only assertions left out.
 
     python3 -m pytest -q tests/test_gpu_ddp.py      # on one H100/H200: expected about 2 minutes (not yet run on
                                                     # a GPU: three processes compile; the ranks are given 300 s)
@@ -17,6 +17,8 @@ import pretrain
 from test_ddp import instrument, job_records, launch, wait_all
 
 CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not CUDA and os.environ.get('GPU_DRY_RUN') != '1', reason=(
+    "no CUDA device; GPU_DRY_RUN=1 runs it as a dry run on the CPU, as ./gpu_check.sh does without a GPU"))
 RUN = ['--dataset', 'demo', '--epochs', '1', '--warmup_epochs', '0', '--log_every', '1', '--knn_bank', '0',
        '--val_images', '64', '--picture_every', '100']  # 1,536 demo images in batches of 128: 12 steps
 SMALL = [] if CUDA else ['--img_size', '32', '--patch_size', '8', '--subset', '128', '--batch_size', '32']
